@@ -1,0 +1,1 @@
+"""Pinned host memory pool and the offload/prefetch engine."""

@@ -1,0 +1,1 @@
+"""Pure-PyTorch references and (with CUDA) Triton kernels for the schedules."""

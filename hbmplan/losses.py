@@ -1,0 +1,1 @@
+"""Policy losses usable directly as an hbmplan loss_fn."""

@@ -1,0 +1,209 @@
+"""``hbmplan.memory``: the context manager users train with.
+
+It wraps a model for the duration of a ``with`` block, runs atomic reuse steps, and keeps the
+measurements ``report()`` prints. The model is never edited; what the block touches on the model
+(training flags, ``requires_grad``, hooks) is put back on exit, also after an exception.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from hbmplan.atomic import GradStash
+from hbmplan.group import Group
+from hbmplan.models.adapter import CausalLMAdapter, adapt
+from hbmplan.schedules.microbatch import LossFn
+from hbmplan.schedules.reuse import check_tokens_per_microbatch, reuse_step
+from hbmplan.schedules.stats import StepStats
+
+__all__ = ["MemoryContext", "Report", "memory", "parse_bytes"]
+
+OffloadMode = Literal["auto", "off", "all"]
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def parse_bytes(value: int | str) -> int:
+    """Bytes from an int or a string such as ``"80GiB"``, ``"40 GB"`` or ``"1024"``."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(f"a byte size must be an int or a string like '80GiB', got {value!r}")
+    if isinstance(value, int):
+        n = value
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        if m is None or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"a byte size must look like '80GiB' or '40GB', got {value!r}")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise ValueError(f"a byte size must be positive, got {value!r}")
+    return n
+
+
+@dataclass
+class Report:
+    """What a :class:`MemoryContext` measured.
+
+    Attributes:
+        steps: steps completed inside the context.
+        last: the last completed step's statistics (``None`` before the first).
+        failed_steps: steps that raised (their gradients were restored).
+    """
+
+    steps: int = 0
+    last: StepStats | None = None
+    failed_steps: int = 0
+    history: list[StepStats] = field(default_factory=list, repr=False)
+
+    def __str__(self) -> str:
+        if self.last is None:
+            return "hbmplan: no step completed yet"
+        s = self.last
+        mib = 2**20
+        lines = [
+            f"hbmplan {s.schedule} step {self.steps}: {s.groups} group(s), "
+            f"{s.trajectories} trajectories, {s.microbatches} microbatches",
+            f"{'phase':<8}{'time ms':>10}{'peak MiB':>12}",
+        ]
+        for name, p in s.phases.items():
+            lines.append(f"{name:<8}{p.seconds * 1e3:>10.1f}{p.peak_bytes / mib:>12.1f}")
+        lines.append(
+            f"prompt K/V {s.prompt_kv_bytes / mib:.1f} MiB, gradient cache "
+            f"{s.grad_cache_bytes / mib:.1f} MiB, peaks from {s.memory_source}"
+        )
+        if self.failed_steps:
+            lines.append(f"{self.failed_steps} step(s) failed and were rolled back")
+        return "\n".join(lines)
+
+
+class MemoryContext:
+    """Runs reuse steps on a wrapped model; create it with :func:`hbmplan.memory`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        hbm_budget: int | str | None,
+        offload: OffloadMode,
+        tokens_per_microbatch: int | None,
+        atomic: bool,
+        check_finite: bool,
+        grad_cache_dtype: torch.dtype | None,
+    ) -> None:
+        if offload not in ("auto", "off", "all"):
+            raise ValueError(f"offload must be 'auto', 'off' or 'all', got {offload!r}")
+        check_tokens_per_microbatch(tokens_per_microbatch)
+        if grad_cache_dtype is not None and not (
+            isinstance(grad_cache_dtype, torch.dtype) and grad_cache_dtype.is_floating_point
+        ):
+            raise TypeError(
+                f"grad_cache_dtype must be a floating torch.dtype, got {grad_cache_dtype!r}"
+            )
+        self.adapter: CausalLMAdapter = adapt(model)
+        self.model = self.adapter.model
+        self.hbm_budget = parse_bytes(hbm_budget) if hbm_budget is not None else None
+        self.offload = offload
+        self.tokens_per_microbatch = tokens_per_microbatch
+        self.atomic = atomic
+        self.check_finite = check_finite
+        self.grad_cache_dtype = grad_cache_dtype
+        self._report = Report()
+        self._active = False
+        self._saved_state: tuple[dict[nn.Module, bool], dict[nn.Parameter, bool]] | None = None
+
+    def __enter__(self) -> MemoryContext:
+        if self._active:
+            raise RuntimeError("this hbmplan.memory context is already active")
+        self._saved_state = (
+            {m: m.training for m in self.model.modules()},
+            {p: p.requires_grad for p in self.model.parameters()},
+        )
+        self._active = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        assert self._saved_state is not None
+        training, requires_grad = self._saved_state
+        for m, flag in training.items():
+            m.training = flag
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
+        self._saved_state = None
+        self._active = False
+
+    def step(
+        self,
+        groups: Sequence[Group],
+        loss_fn: LossFn,
+        tokens_per_microbatch: int | None = None,
+    ) -> StepStats:
+        """Train on ``groups`` with the reuse schedule, like ``loss.backward()``: gradients
+        accumulate into ``.grad``. With ``atomic=True`` (the default) a step that raises leaves
+        every ``.grad`` exactly as it was and the exception propagates.
+
+        Args:
+            groups: list of :class:`hbmplan.Group`.
+            loss_fn: ``loss_fn(logprobs [S_i], group, i) -> scalar``.
+            tokens_per_microbatch: overrides the context's packing budget for this step.
+        """
+        if not self._active:
+            raise RuntimeError("step() must run inside `with hbmplan.memory(model) as mem:`")
+        if tokens_per_microbatch is None:
+            tokens_per_microbatch = self.tokens_per_microbatch
+        stash = GradStash(self.model.parameters()) if self.atomic else None
+        try:
+            stats = reuse_step(
+                self.adapter,
+                groups,
+                loss_fn,
+                tokens_per_microbatch,
+                grad_cache_dtype=self.grad_cache_dtype,
+                check_finite=self.check_finite,
+            )
+        except BaseException:
+            if stash is not None:
+                stash.restore()
+            self._report.failed_steps += 1
+            raise
+        if stash is not None:
+            stash.merge()
+        self._report.steps += 1
+        self._report.last = stats
+        self._report.history.append(stats)
+        return stats
+
+    def report(self) -> Report:
+        """Measurements so far: per-phase time and peak memory, K/V and gradient-cache bytes."""
+        return self._report
+
+
+def memory(
+    model: nn.Module,
+    hbm_budget: int | str | None = None,
+    offload: OffloadMode = "auto",
+    *,
+    tokens_per_microbatch: int | None = None,
+    atomic: bool = True,
+    check_finite: bool = False,
+    grad_cache_dtype: torch.dtype | None = None,
+) -> MemoryContext:
+    """Wrap ``model`` for reuse-schedule training.
+
+    Args:
+        model: a Hugging Face causal LM of a supported family or an hbmplan ``ReferenceDecoder``.
+        hbm_budget: device bytes the step may use (int or "80GiB"); ``None``: no budget.
+        offload: "auto" offloads dormant prompt activations when the budget requires it,
+            "off" never, "all" every dormant tensor.
+        tokens_per_microbatch: default packing budget for response microbatches.
+        atomic: restore ``.grad`` if a step raises (costs one gradient-sized buffer only when
+            ``.grad`` already holds values at the start of the step; set ``False`` to skip).
+        check_finite: raise ``FloatingPointError`` on a non-finite loss.
+        grad_cache_dtype: gK/gV accumulation dtype; default fp32 for 16-bit models.
+    """
+    return MemoryContext(
+        model, hbm_budget, offload, tokens_per_microbatch, atomic, check_finite, grad_cache_dtype
+    )

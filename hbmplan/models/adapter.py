@@ -1,0 +1,112 @@
+"""The narrow interface the schedules need from a causal LM, and `adapt()` to obtain it.
+
+A schedule never calls a model directly: it asks an adapter for the prompt's per-layer K/V (phase
+A), for hidden states of response rows that attend to K/V leaves (phase B), for hidden states of
+whole trajectories (the dense baseline), and for LM-head logits on chosen positions.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from hbmplan.models.reference import ReferenceDecoder
+
+__all__ = ["KV", "CausalLMAdapter", "ReferenceAdapter", "adapt"]
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+@runtime_checkable
+class CausalLMAdapter(Protocol):
+    """What the schedules need from a model. Implementations never edit the model."""
+
+    model: nn.Module
+    vocab_size: int
+    max_positions: int | None
+    num_layers: int
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The decoder layers, in order (used to attribute saved tensors to a layer)."""
+        ...
+
+    def prompt_kv(self, ids: torch.Tensor, positions: torch.Tensor) -> list[KV]:
+        """Run the shared prompt; return each layer's post-RoPE (k, v) [1, Hkv, P', D] in graph."""
+        ...
+
+    def response_hidden(
+        self, ids: torch.Tensor, positions: torch.Tensor, prefix_kv: list[KV]
+    ) -> torch.Tensor:
+        """Hidden states [B, T, h] of right-padded rows ids/positions [B, T] that attend to the
+        shared ``prefix_kv`` ([1, Hkv, P', D] per layer) and to their own earlier tokens."""
+        ...
+
+    def full_hidden(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Hidden states [B, T, h] of right-padded causal rows (the dense baseline)."""
+        ...
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM-head logits [N, V] for hidden states [N, h]."""
+        ...
+
+
+class ReferenceAdapter:
+    """Adapter for :class:`hbmplan.models.ReferenceDecoder`."""
+
+    def __init__(self, model: ReferenceDecoder) -> None:
+        self.model = model
+        self.vocab_size = model.cfg.vocab_size
+        self.max_positions = model.cfg.max_positions
+        self.num_layers = model.cfg.num_layers
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def prompt_kv(self, ids: torch.Tensor, positions: torch.Tensor) -> list[KV]:
+        _, kvs = self.model(ids, positions)
+        return kvs
+
+    def response_hidden(
+        self, ids: torch.Tensor, positions: torch.Tensor, prefix_kv: list[KV]
+    ) -> torch.Tensor:
+        hidden, _ = self.model(ids, positions, prefix_kv=prefix_kv)
+        return hidden
+
+    def full_hidden(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden, _ = self.model(ids, positions)
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden)
+
+
+def adapt(model: nn.Module | CausalLMAdapter) -> CausalLMAdapter:
+    """Return the adapter for ``model``: hbmplan's reference decoder or a supported Hugging Face
+    causal LM (see :data:`hbmplan.models.hf.SUPPORTED_MODEL_TYPES`). An adapter passes through.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` or adapter.
+        ValueError: the model family is not supported (the message lists what is).
+    """
+    if isinstance(model, (ReferenceAdapter,)) or (
+        not isinstance(model, nn.Module) and isinstance(model, CausalLMAdapter)
+    ):
+        return model
+    if isinstance(model, ReferenceDecoder):
+        return ReferenceAdapter(model)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    from hbmplan.models.hf import HFAdapter, is_hf_model
+
+    if is_hf_model(model):
+        return HFAdapter(model)
+    from hbmplan.models.hf import SUPPORTED_MODEL_TYPES
+
+    raise ValueError(
+        f"unsupported model {type(model).__name__}: hbmplan supports its ReferenceDecoder and "
+        f"Hugging Face causal LMs of model_type {sorted(SUPPORTED_MODEL_TYPES)}"
+    )

@@ -1,0 +1,103 @@
+"""Adapter for Hugging Face causal LMs through their own cache interface; no model file is edited.
+
+Phase A runs the base model over the prompt with a fresh ``DynamicCache``: each layer's cache
+holds the post-RoPE K/V that attention consumed, inside the autograd graph. Phase B builds a new
+cache per microbatch whose layers start from the K/V leaves; the model's own mask builder then
+aligns response queries bottom-right against ``[prefix ; own]`` keys.
+
+Works with the ``past_key_values=`` keyword (transformers 5.x up to its rename) and ``cache=``
+(newer releases): the keyword is looked up once from the base model's signature.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "HFAdapter", "is_hf_model"]
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+"""``config.model_type`` values whose attention reads K/V from the cache after RoPE, with no
+per-position logit transform; each is covered by an fp64 equivalence test."""
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    """True for a ``transformers.PreTrainedModel`` (checked without importing transformers)."""
+    config = getattr(model, "config", None)
+    return config is not None and hasattr(config, "model_type") and hasattr(model, "get_decoder")
+
+
+def _cache_keyword(base: nn.Module) -> str:
+    params = inspect.signature(base.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise ValueError(
+        f"{type(base).__name__}.forward takes neither `cache` nor `past_key_values`; "
+        "this transformers release is not supported"
+    )
+
+
+class HFAdapter:
+    """Adapter for Hugging Face ``*ForCausalLM`` models of the supported families."""
+
+    def __init__(self, model: nn.Module) -> None:
+        model_type = model.config.model_type
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"unsupported Hugging Face model_type {model_type!r}: hbmplan supports "
+                f"{sorted(SUPPORTED_MODEL_TYPES)} and its own ReferenceDecoder"
+            )
+        from transformers import DynamicCache
+
+        self._dynamic_cache = DynamicCache
+        self.model = model
+        self.config = model.config.get_text_config(decoder=True)
+        self.base = model.get_decoder()
+        self.head = model.get_output_embeddings()
+        if self.head is None:
+            raise ValueError(f"{type(model).__name__} has no LM head (get_output_embeddings)")
+        self._cache_kw = _cache_keyword(self.base)
+        self.vocab_size = int(self.config.vocab_size)
+        self.max_positions = getattr(self.config, "max_position_embeddings", None)
+        self.num_layers = int(self.config.num_hidden_layers)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.base.layers
+
+    def _run(self, ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        kwargs = {self._cache_kw: cache, "use_cache": cache is not None}
+        out = self.base(input_ids=ids, position_ids=positions, **kwargs)
+        return out.last_hidden_state
+
+    def prompt_kv(self, ids: torch.Tensor, positions: torch.Tensor) -> list[KV]:
+        # No config: plain full-attention layers that keep every prompt position (a sliding-window
+        # layer type would crop the cache; the mask builder still applies the window).
+        cache = self._dynamic_cache()
+        self._run(ids, positions, cache)
+        kvs = [(layer.keys, layer.values) for layer in cache.layers]
+        if len(kvs) != self.num_layers:
+            raise ValueError(
+                f"expected one cache layer per decoder layer ({self.num_layers}), got {len(kvs)}"
+            )
+        return kvs
+
+    def response_hidden(
+        self, ids: torch.Tensor, positions: torch.Tensor, prefix_kv: list[KV]
+    ) -> torch.Tensor:
+        B = ids.shape[0]
+        cache = self._dynamic_cache()
+        for i, (k, v) in enumerate(prefix_kv):
+            cache.update(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1), i)
+        return self._run(ids, positions, cache)
+
+    def full_hidden(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self._run(ids, positions, None)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden)

@@ -1,0 +1,180 @@
+"""hbmplan's own Llama-style decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Pure PyTorch, any size and dtype. The demo, the tests and the benchmarks use it; it exposes the
+prompt's per-layer K/V directly, so the reuse schedule needs no cache object for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hbmplan.kernels.reference import prefix_attention_ref, rms_norm_ref
+
+__all__ = ["DecoderConfig", "ReferenceDecoder"]
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Shape of a :class:`ReferenceDecoder`."""
+
+    vocab_size: int = 32000
+    """Number of token ids."""
+    hidden_size: int = 4096
+    """Model width h."""
+    num_layers: int = 32
+    """Decoder layers L."""
+    num_heads: int = 32
+    """Query heads Hq."""
+    num_kv_heads: int = 8
+    """Key/value heads Hkv; Hq must be a multiple (grouped-query attention)."""
+    head_dim: int | None = None
+    """Per-head width D; default h / Hq."""
+    intermediate_size: int = 14336
+    """SwiGLU inner width."""
+    max_positions: int = 131072
+    """Longest sequence (prompt + response) the model accepts."""
+    rope_theta: float = 500000.0
+    """RoPE base."""
+    rms_eps: float = 1e-5
+    """RMSNorm epsilon."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads != 0:
+            raise ValueError(
+                f"num_heads must be a multiple of num_kv_heads, got {self.num_heads} and "
+                f"{self.num_kv_heads}"
+            )
+        if self.head_dim is None and self.hidden_size % self.num_heads != 0:
+            raise ValueError(
+                f"hidden_size must be divisible by num_heads when head_dim is unset, got "
+                f"{self.hidden_size} and {self.num_heads}"
+            )
+        if self.dim % 2 != 0:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.dim}")
+
+    @property
+    def dim(self) -> int:
+        """Resolved head dimension D."""
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, h: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(h))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm_ref(x, self.weight, self.eps)
+
+
+def rope_tables(
+    positions: torch.Tensor, dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [B, 1, T, D] for positions [B, T].
+
+    Angles are computed in fp64 and rounded once to ``dtype``, so a position gets the same table
+    whichever sequence (prompt or response microbatch) it appears in.
+    """
+    inv_freq = 1.0 / theta ** (
+        torch.arange(0, dim, 2, device=positions.device, dtype=torch.float64) / dim
+    )
+    angles = positions.to(torch.float64)[:, None, :, None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (Llama convention). x: [B, H, T, D]; cos, sin: [B, 1, T, D]."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        h, D = cfg.hidden_size, cfg.dim
+        self.cfg = cfg
+        self.attn_norm = RMSNorm(h, cfg.rms_eps)
+        self.q_proj = nn.Linear(h, cfg.num_heads * D, bias=False)
+        self.k_proj = nn.Linear(h, cfg.num_kv_heads * D, bias=False)
+        self.v_proj = nn.Linear(h, cfg.num_kv_heads * D, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * D, h, bias=False)
+        self.mlp_norm = RMSNorm(h, cfg.rms_eps)
+        self.gate_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, rope_cs: tuple[torch.Tensor, torch.Tensor], prefix_kv: KV | None
+    ) -> tuple[torch.Tensor, KV]:
+        B, T, _ = x.shape
+        cfg, D = self.cfg, self.cfg.dim
+        a = self.attn_norm(x)
+        q = self.q_proj(a).view(B, T, cfg.num_heads, D).transpose(1, 2)
+        k = self.k_proj(a).view(B, T, cfg.num_kv_heads, D).transpose(1, 2)
+        v = self.v_proj(a).view(B, T, cfg.num_kv_heads, D).transpose(1, 2)
+        q, k = rope(q, *rope_cs), rope(k, *rope_cs)
+        kp, vp = prefix_kv if prefix_kv is not None else (None, None)
+        o = prefix_attention_ref(q, kp, vp, k, v)
+        x = x + self.o_proj(o.transpose(1, 2).reshape(B, T, cfg.num_heads * D))
+        m = self.mlp_norm(x)
+        x = x + self.down_proj(F.silu(self.gate_proj(m)) * self.up_proj(m))
+        return x, (k, v)
+
+
+class ReferenceDecoder(nn.Module):
+    """A Llama-style causal LM.
+
+    ``forward(ids, positions, prefix_kv=None)`` returns the final hidden states [B, T, h] and the
+    per-layer K/V ``[(k, v)]``, each [B, Hkv, T, D] post-RoPE. With ``prefix_kv`` (one (k, v)
+    pair per layer, [1 or B, Hkv, Pp, D]) every row also attends to that shared prefix.
+    """
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Normal(0, std) weights, RMSNorm scales at one, residual projections scaled by 1/sqrt(2L)."""
+        for name, p in self.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.normal_(0.0, std / (2 * self.cfg.num_layers) ** 0.5)
+            else:
+                p.normal_(0.0, std)
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        prefix_kv: list[KV] | None = None,
+    ) -> tuple[torch.Tensor, list[KV]]:
+        """ids, positions: [B, T] int64. Returns (hidden [B, T, h], per-layer K/V)."""
+        if prefix_kv is not None and len(prefix_kv) != len(self.layers):
+            raise ValueError(
+                f"prefix_kv must hold one (k, v) per layer ({len(self.layers)}), got {len(prefix_kv)}"
+            )
+        x = self.embed(ids)
+        rope_cs = rope_tables(positions, self.cfg.dim, self.cfg.rope_theta, x.dtype)
+        kvs: list[KV] = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, rope_cs, prefix_kv[i] if prefix_kv is not None else None)
+            kvs.append(kv)
+        return self.norm(x), kvs

@@ -1,0 +1,1 @@
+"""Lifetimes of saved tensors and plans for keeping, offloading or recomputing them."""

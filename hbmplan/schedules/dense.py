@@ -1,0 +1,86 @@
+"""The baseline a standard trainer runs: every trajectory ``[prompt; response]`` is its own row,
+the prompt recomputed G times. Log-probs on response positions only; same loss contract as the
+reuse schedule, so the two are directly comparable."""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from hbmplan.group import Group, validate_groups
+from hbmplan.models.adapter import CausalLMAdapter, adapt
+from hbmplan.planner.capture import SavedTensorCapture
+from hbmplan.schedules.microbatch import (
+    LossFn,
+    microbatch_loss,
+    pack_rows,
+    padded_rows,
+    response_logprobs,
+)
+from hbmplan.schedules.reuse import check_tokens_per_microbatch
+from hbmplan.schedules.stats import PhaseClock, StepStats
+
+__all__ = ["dense_step"]
+
+
+def dense_step(
+    model: nn.Module | CausalLMAdapter,
+    groups: Sequence[Group],
+    loss_fn: LossFn,
+    tokens_per_microbatch: int | None = None,
+    *,
+    check_finite: bool = False,
+) -> StepStats:
+    """One step of the dense trainer; gradients accumulate into ``.grad``.
+
+    Each trajectory ``[p; r_i[:-1]]`` (length P + S_i - 1, positions from 0) is a row; with
+    ``tokens_per_microbatch`` rows of a group are packed while rows x longest row stays within
+    the budget, otherwise each row is its own microbatch. The log-prob of ``r_i[t]`` is read at
+    row index ``P - 1 + t``.
+    """
+    adapter = adapt(model)
+    check_tokens_per_microbatch(tokens_per_microbatch)
+    validate_groups(groups, adapter.vocab_size, adapter.max_positions)
+    device = groups[0].prompt.device
+    stats = StepStats("dense", groups=len(groups), trajectories=sum(g.group_size for g in groups))
+    clock = PhaseClock(stats, device)
+    exclude = [*adapter.model.parameters(), *adapter.model.buffers()]
+    total = torch.zeros((), device=device)
+    try:
+        with clock.phase("dense"):
+            for group in groups:
+                P = group.prompt_len
+                lengths = [group.trajectory_len(i) for i in range(group.group_size)]
+                for indices in pack_rows(lengths, tokens_per_microbatch):
+                    targets = [group.responses[i] for i in indices]
+                    rows = [torch.cat([group.prompt, t[:-1]]) for t in targets]
+                    ids, pos = padded_rows(rows, 0)
+                    capture = (
+                        SavedTensorCapture(exclude, adapter.layers)
+                        if device.type != "cuda"
+                        else None
+                    )
+                    try:
+                        with capture.phase("dense") if capture else contextlib.nullcontext():
+                            hidden = adapter.full_hidden(ids, pos)
+                            logprobs = response_logprobs(
+                                adapter, hidden, [P - 1] * len(indices), targets
+                            )
+                            loss = microbatch_loss(loss_fn, logprobs, group, indices, check_finite)
+                        if capture is not None:
+                            clock.sample("dense", capture.nbytes)
+                        loss.backward()
+                    finally:
+                        if capture is not None:
+                            capture.release()
+                    total = total + loss.detach().to(total.dtype)
+                    stats.microbatches += 1
+        stats.loss = total
+        return clock.finish()
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)
+        raise

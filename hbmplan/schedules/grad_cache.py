@@ -1,0 +1,90 @@
+"""The gradient cache: prompt K/V leaves for phase B and the gK/gV they accumulate.
+
+Every response microbatch reads the prompt's K/V through `GradientCache.views()`. Their backward
+adds the microbatch's dK/dV straight into one preallocated buffer per layer (fp32 for 16-bit
+models), so no leaf ``.grad`` in the model's precision is ever rounded between microbatches. Phase
+C hands the totals to the prompt's autograd graph in one backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["GradientCache"]
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+class _AccumulateInto(torch.autograd.Function):
+    """Identity in forward; backward adds the incoming gradient into ``buffer`` in place."""
+
+    @staticmethod
+    def forward(ctx, leaf: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+        ctx.buffer = buffer
+        return leaf.view_as(leaf)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.buffer.add_(grad)
+        return None, None
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for 16-bit K/V, otherwise the K/V dtype."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+class GradientCache:
+    """Detached prompt K/V and their accumulated gradients.
+
+    Args:
+        prompt_kv: per layer (k, v), each [1, Hkv, P-1, D], still attached to the prompt graph.
+        dtype: accumulation dtype; default :func:`accumulation_dtype` of the K/V dtype.
+
+    Memory: the leaves alias the prompt K/V (no copy); the buffers cost
+    ``2 * L * Hkv * (P-1) * D * itemsize(dtype)`` bytes.
+    """
+
+    def __init__(self, prompt_kv: list[KV], dtype: torch.dtype | None = None) -> None:
+        self.prompt_kv = prompt_kv
+        self.leaves: list[KV] = [
+            (k.detach().requires_grad_(), v.detach().requires_grad_()) for k, v in prompt_kv
+        ]
+        self.grads: list[KV] = [
+            (
+                torch.zeros_like(k, dtype=dtype or accumulation_dtype(k.dtype)),
+                torch.zeros_like(v, dtype=dtype or accumulation_dtype(v.dtype)),
+            )
+            for k, v in prompt_kv
+        ]
+
+    def views(self) -> list[KV]:
+        """Per layer (k, v) for one microbatch; their gradients accumulate into the cache."""
+        return [
+            (_AccumulateInto.apply(k, gk), _AccumulateInto.apply(v, gv))
+            for (k, v), (gk, gv) in zip(self.leaves, self.grads)
+        ]
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of the prompt K/V (all layers)."""
+        return sum(k.nbytes + v.nbytes for k, v in self.prompt_kv)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the gradient buffers (all layers)."""
+        return sum(gk.nbytes + gv.nbytes for gk, gv in self.grads)
+
+    def backward(self) -> None:
+        """Phase C: one backward through the prompt graph from the accumulated gK/gV."""
+        tensors, grads = [], []
+        for (k, v), (gk, gv) in zip(self.prompt_kv, self.grads):
+            tensors += [k, v]
+            grads += [gk.to(k.dtype), gv.to(v.dtype)]
+        self.grads = []  # the cast copies are all that phase C needs
+        torch.autograd.backward(tensors, grads)
+        self.release()
+
+    def release(self) -> None:
+        """Drop every reference to the prompt graph, the leaves and the buffers."""
+        self.prompt_kv, self.leaves, self.grads = [], [], []

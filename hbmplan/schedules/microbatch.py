@@ -1,0 +1,106 @@
+"""Pieces both schedules share: packing rows into microbatches, padded row tensors, per-token
+log-probs of responses, and the call of the user's loss."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from hbmplan.group import Group
+from hbmplan.models.adapter import CausalLMAdapter
+
+__all__ = ["LossFn", "microbatch_loss", "pack_rows", "padded_rows", "response_logprobs"]
+
+LossFn = Callable[[torch.Tensor, Group, int], torch.Tensor]
+"""``loss_fn(logprobs [S_i], group, i) -> scalar``; differentiable in ``logprobs``."""
+
+
+def pack_rows(lengths: Sequence[int], tokens_per_microbatch: int | None) -> list[list[int]]:
+    """Split row indices, in order, into microbatches of at most ``tokens_per_microbatch`` padded
+    tokens (rows x longest row). ``None`` gives one row per microbatch; a row longer than the
+    budget runs alone."""
+    if tokens_per_microbatch is None:
+        return [[i] for i in range(len(lengths))]
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i, n in enumerate(lengths):
+        if current and (len(current) + 1) * max(longest, n) > tokens_per_microbatch:
+            batches.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, n)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def padded_rows(
+    seqs: Sequence[torch.Tensor], first_position: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad 1-D id tensors into ids [B, T] (pad id 0) and positions [B, T] starting at
+    ``first_position``. Padding sits after every valid token, so causal attention keeps valid
+    queries from seeing it."""
+    T = max(s.numel() for s in seqs)
+    device = seqs[0].device
+    ids = torch.zeros(len(seqs), T, dtype=torch.long, device=device)
+    for b, s in enumerate(seqs):
+        ids[b, : s.numel()] = s
+    positions = torch.arange(first_position, first_position + T, device=device)
+    return ids, positions.expand(len(seqs), T)
+
+
+def response_logprobs(
+    adapter: CausalLMAdapter,
+    hidden: torch.Tensor,
+    starts: Sequence[int],
+    targets: Sequence[torch.Tensor],
+) -> list[torch.Tensor]:
+    """Per-token log-probs of each row's response.
+
+    Args:
+        hidden: [B, T, h] final hidden states of the microbatch rows.
+        starts: for row b, the index in the row whose hidden state predicts ``targets[b][0]``.
+        targets: row b's response token ids [S_b].
+
+    Returns:
+        One tensor [S_b] per row, float32 (float64 for a float64 model), differentiable. The LM
+        head runs on response positions only.
+    """
+    picked = torch.cat(
+        [hidden[b, s : s + t.numel()] for b, (s, t) in enumerate(zip(starts, targets))]
+    )
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logp = adapter.logits(picked).to(dtype).log_softmax(-1)
+    tok = torch.cat(list(targets)).to(logp.device)
+    token_logp = logp.gather(-1, tok[:, None]).squeeze(-1)
+    return list(token_logp.split([t.numel() for t in targets]))
+
+
+def microbatch_loss(
+    loss_fn: LossFn,
+    logprobs: Sequence[torch.Tensor],
+    group: Group,
+    indices: Sequence[int],
+    check_finite: bool,
+) -> torch.Tensor:
+    """Sum of ``loss_fn`` over the responses of one microbatch, with the contract checked."""
+    total = None
+    for lp, i in zip(logprobs, indices):
+        loss = loss_fn(lp, group, i)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise TypeError(f"loss_fn must return a scalar tensor, got {shape} for response {i}")
+        if not loss.requires_grad:
+            raise ValueError(
+                f"loss_fn must return a loss that depends on logprobs, got a constant for "
+                f"response {i}"
+            )
+        if check_finite and not bool(torch.isfinite(loss.detach())):
+            raise FloatingPointError(
+                f"loss must be finite (check_finite=True), got {loss.item()} for response {i}"
+            )
+        total = loss.reshape(()) if total is None else total + loss.reshape(())
+    assert total is not None
+    return total

@@ -1,0 +1,194 @@
+"""The shared-prefix reuse schedule: prompt forward once (A), responses as ordinary microbatches
+that read the prompt K/V and accumulate gK/gV (B), prompt backward once (C).
+
+For a group with prompt ``p`` (length P) and responses ``r_i`` (lengths S_i):
+
+* A: the model runs ``p[:-1]`` at positions ``0..P-2`` and keeps each layer's post-RoPE K/V in
+  the autograd graph.
+* B: each microbatch runs rows ``[p[-1]; r_i[:-1]]`` at positions ``P-1..P+S_i-2``, attending to
+  the prompt K/V and to their own earlier tokens; the log-probs of ``r_i`` go to the user's loss
+  and the microbatch runs backward. Parameter gradients accumulate as usual, gK/gV in the
+  gradient cache.
+* C: one backward of the prompt graph from the gradient cache.
+
+In real arithmetic this equals the dense trainer's gradients: the prompt's forward does not
+depend on the responses, and gradients are linear.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from hbmplan.group import Group, validate_groups
+from hbmplan.models.adapter import CausalLMAdapter, adapt
+from hbmplan.planner.capture import SavedTensorCapture, storage_key
+from hbmplan.schedules.grad_cache import GradientCache
+from hbmplan.schedules.microbatch import (
+    LossFn,
+    microbatch_loss,
+    pack_rows,
+    padded_rows,
+    response_logprobs,
+)
+from hbmplan.schedules.stats import PhaseClock, StepStats
+
+__all__ = ["check_tokens_per_microbatch", "reuse_step"]
+
+
+def check_tokens_per_microbatch(tokens_per_microbatch: int | None) -> None:
+    """``None`` or a positive int; otherwise a ``TypeError``/``ValueError`` naming the value."""
+    if tokens_per_microbatch is None:
+        return
+    if isinstance(tokens_per_microbatch, bool) or not isinstance(tokens_per_microbatch, int):
+        raise TypeError(
+            f"tokens_per_microbatch must be an int or None, got "
+            f"{type(tokens_per_microbatch).__name__}"
+        )
+    if tokens_per_microbatch < 1:
+        raise ValueError(f"tokens_per_microbatch must be >= 1, got {tokens_per_microbatch}")
+
+
+def _model_storages(adapter: CausalLMAdapter) -> list[torch.Tensor]:
+    model: nn.Module = adapter.model
+    return [*model.parameters(), *model.buffers()]
+
+
+def _held_bytes(capture: SavedTensorCapture | None, tensors: Sequence[torch.Tensor]) -> int:
+    """Bytes of the captured storages plus those of ``tensors`` not among them."""
+    if capture is None:
+        return 0
+    seen = set(capture.storages)
+    extra = 0
+    for t in tensors:
+        key = storage_key(t)
+        if key not in seen:
+            seen.add(key)
+            extra += t.untyped_storage().nbytes()
+    return capture.nbytes + extra
+
+
+def _reuse_group(
+    adapter: CausalLMAdapter,
+    group: Group,
+    loss_fn: LossFn,
+    clock: PhaseClock,
+    stats: StepStats,
+    tokens_per_microbatch: int | None,
+    grad_cache_dtype: torch.dtype | None,
+    check_finite: bool,
+    track_bytes: bool,
+) -> torch.Tensor:
+    P = group.prompt_len
+    device = group.prompt.device
+    exclude = _model_storages(adapter)
+    prompt_capture = SavedTensorCapture(exclude, adapter.layers) if track_bytes else None
+    cache: GradientCache | None = None
+    mb_capture: SavedTensorCapture | None = None
+    try:
+        # ---- Phase A: prompt forward once, keeping the graph. ----
+        with (
+            clock.phase("A"),
+            prompt_capture.phase("A") if prompt_capture else contextlib.nullcontext(),
+        ):
+            positions = torch.arange(P - 1, device=device)[None]
+            cache = GradientCache(
+                adapter.prompt_kv(group.prompt[None, :-1], positions), grad_cache_dtype
+            )
+        kv_flat = [t for kv in cache.prompt_kv for t in kv]
+        held_prompt = _held_bytes(prompt_capture, kv_flat)
+        clock.sample("A", held_prompt)
+        stats.prompt_kv_bytes = max(stats.prompt_kv_bytes, cache.kv_bytes)
+        stats.grad_cache_bytes = max(stats.grad_cache_bytes, cache.nbytes)
+
+        # ---- Phase B: responses as microbatches over the prompt K/V. ----
+        total = torch.zeros((), device=device)
+        boundary = group.prompt[-1:]
+        with clock.phase("B"):
+            for indices in pack_rows(group.response_lens, tokens_per_microbatch):
+                targets = [group.responses[i] for i in indices]
+                ids, pos = padded_rows([torch.cat([boundary, t[:-1]]) for t in targets], P - 1)
+                if track_bytes:
+                    mb_capture = SavedTensorCapture(exclude, adapter.layers)
+                with mb_capture.phase("B") if mb_capture else contextlib.nullcontext():
+                    hidden = adapter.response_hidden(ids, pos, cache.views())
+                    logprobs = response_logprobs(adapter, hidden, [0] * len(indices), targets)
+                    loss = microbatch_loss(loss_fn, logprobs, group, indices, check_finite)
+                if mb_capture is not None:
+                    clock.sample("B", held_prompt + cache.nbytes + mb_capture.nbytes)
+                loss.backward()
+                total = total + loss.detach().to(total.dtype)
+                stats.microbatches += 1
+                if mb_capture is not None:
+                    mb_capture.release()
+                del hidden, logprobs, loss
+
+        # ---- Phase C: prompt backward once from the gradient cache. ----
+        with clock.phase("C"):
+            clock.sample("C", held_prompt + cache.nbytes)
+            cache.backward()
+        return total
+    finally:
+        if cache is not None:
+            cache.release()
+        for capture in (prompt_capture, mb_capture):
+            if capture is not None:
+                capture.release()
+
+
+def reuse_step(
+    model: nn.Module | CausalLMAdapter,
+    groups: Sequence[Group],
+    loss_fn: LossFn,
+    tokens_per_microbatch: int | None = None,
+    *,
+    grad_cache_dtype: torch.dtype | None = None,
+    check_finite: bool = False,
+) -> StepStats:
+    """One training step with the reuse schedule; gradients accumulate into ``.grad``.
+
+    Args:
+        model: a supported causal LM (see :func:`hbmplan.models.adapt`) or an adapter.
+        groups: groups to train; each runs phases A, B and C in turn.
+        loss_fn: ``loss_fn(logprobs [S_i], group, i) -> scalar``, summed over responses.
+        tokens_per_microbatch: pack several responses of a group into one microbatch while
+            rows x longest row stays within this many tokens; ``None``: one response each.
+        grad_cache_dtype: dtype of the gK/gV accumulators; default fp32 for 16-bit models.
+        check_finite: raise ``FloatingPointError`` on a non-finite loss (one host sync per
+            response).
+
+    This function alone is not atomic: use :func:`hbmplan.memory` for a step that restores
+    ``.grad`` on failure. Its own buffers are released on any exit.
+    """
+    adapter = adapt(model)
+    check_tokens_per_microbatch(tokens_per_microbatch)
+    validate_groups(groups, adapter.vocab_size, adapter.max_positions)
+    device = groups[0].prompt.device
+    stats = StepStats("reuse", groups=len(groups), trajectories=sum(g.group_size for g in groups))
+    clock = PhaseClock(stats, device)
+    try:
+        total = None
+        for group in groups:
+            loss = _reuse_group(
+                adapter,
+                group,
+                loss_fn,
+                clock,
+                stats,
+                tokens_per_microbatch,
+                grad_cache_dtype,
+                check_finite,
+                track_bytes=device.type != "cuda",
+            )
+            total = loss if total is None else total + loss
+        stats.loss = total
+        return clock.finish()
+    except BaseException as exc:
+        # The traceback would keep the failed microbatch's graph (and through it the gradient
+        # cache) alive for as long as the caller holds the exception.
+        traceback.clear_frames(exc.__traceback__)
+        raise

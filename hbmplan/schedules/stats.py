@@ -1,0 +1,123 @@
+"""Per-step measurements: wall time and peak memory by phase, K/V and gradient-cache bytes.
+
+On CUDA a phase's time comes from CUDA events (read once, at the end of the step) and its peak
+from the caching allocator's statistics. On CPU the time is ``perf_counter`` and the peak is the
+bytes of live tensors the schedule holds at the end of the phase (saved activations, prompt K/V,
+gradient cache), as counted by :class:`hbmplan.planner.capture.SavedTensorCapture`.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+__all__ = ["PhaseClock", "PhaseStats", "StepStats", "nvtx_range"]
+
+
+@contextmanager
+def nvtx_range(name: str):
+    """An NVTX range on CUDA (visible in Nsight Systems); a no-op elsewhere."""
+    if torch.cuda.is_available():
+        torch.cuda.nvtx.range_push(name)
+        try:
+            yield
+        finally:
+            torch.cuda.nvtx.range_pop()
+    else:
+        yield
+
+
+@dataclass
+class PhaseStats:
+    """One phase of one step, summed over the step's groups (peak: the maximum)."""
+
+    seconds: float = 0.0
+    """Wall time."""
+    peak_bytes: int = 0
+    """CUDA: peak allocated bytes during the phase. CPU: bytes the schedule held."""
+
+
+@dataclass
+class StepStats:
+    """What one ``step`` did."""
+
+    schedule: Literal["dense", "reuse"]
+    """Which schedule ran."""
+    phases: dict[str, PhaseStats] = field(default_factory=dict)
+    """Per phase: "A", "B", "C" for reuse; "dense" for the baseline."""
+    memory_source: Literal["cuda-allocator", "held-tensors"] = "held-tensors"
+    """Where ``peak_bytes`` came from."""
+    groups: int = 0
+    """Groups in the step."""
+    trajectories: int = 0
+    """Responses trained."""
+    microbatches: int = 0
+    """Backward passes over response microbatches."""
+    prompt_kv_bytes: int = 0
+    """Largest prompt K/V of a group (all layers, K and V)."""
+    grad_cache_bytes: int = 0
+    """Largest gradient cache (gK/gV) of a group."""
+    loss: torch.Tensor | None = None
+    """Sum of the loss over all trajectories, detached (no host sync is made to read it)."""
+
+    @property
+    def seconds(self) -> float:
+        """Total wall time of the step."""
+        return sum(p.seconds for p in self.phases.values())
+
+    @property
+    def peak_bytes(self) -> int:
+        """Largest phase peak."""
+        return max((p.peak_bytes for p in self.phases.values()), default=0)
+
+
+class PhaseClock:
+    """Times phases and records their peaks without a host sync per phase.
+
+    ``with clock.phase("B"):`` times the block; ``clock.sample("B", nbytes)`` reports bytes the
+    schedule holds at a point inside it (used on CPU, ignored on CUDA where the allocator's peak
+    is exact). ``finish()`` resolves CUDA events into seconds (one sync).
+    """
+
+    def __init__(self, stats: StepStats, device: torch.device) -> None:
+        self.stats = stats
+        self.cuda = device.type == "cuda"
+        self.stats.memory_source = "cuda-allocator" if self.cuda else "held-tensors"
+        self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+
+    @contextmanager
+    def phase(self, name: str):
+        stats = self.stats.phases.setdefault(name, PhaseStats())
+        with nvtx_range(f"hbmplan.{self.stats.schedule}.{name}"):
+            if self.cuda:
+                torch.cuda.reset_peak_memory_stats()
+                start, end = (
+                    torch.cuda.Event(enable_timing=True),
+                    torch.cuda.Event(enable_timing=True),
+                )
+                start.record()
+                yield
+                end.record()
+                self._events.append((name, start, end))
+                stats.peak_bytes = max(stats.peak_bytes, torch.cuda.max_memory_allocated())
+            else:
+                t0 = time.perf_counter()
+                yield
+                stats.seconds += time.perf_counter() - t0
+
+    def sample(self, name: str, held_bytes: int) -> None:
+        """Record that the schedule holds ``held_bytes`` during phase ``name`` (CPU)."""
+        if not self.cuda:
+            stats = self.stats.phases.setdefault(name, PhaseStats())
+            stats.peak_bytes = max(stats.peak_bytes, int(held_bytes))
+
+    def finish(self) -> StepStats:
+        for name, start, end in self._events:
+            end.synchronize()
+            self.stats.phases[name].seconds += start.elapsed_time(end) / 1000.0
+        self._events.clear()
+        return self.stats
