@@ -30,7 +30,7 @@ class GradStash:
 
     def merge(self) -> None:
         """The step succeeded: ``.grad = stashed + fresh``."""
-        for p, saved in zip(self._params, self._saved):
+        for p, saved in zip(self._params, self._saved, strict=True):
             if saved is None:
                 continue
             if p.grad is not None:
@@ -40,6 +40,6 @@ class GradStash:
 
     def restore(self) -> None:
         """The step failed: put back exactly the gradients from before it."""
-        for p, saved in zip(self._params, self._saved):
+        for p, saved in zip(self._params, self._saved, strict=True):
             p.grad = saved
         self._saved = []

@@ -45,7 +45,7 @@ def prefix_attention_ref(
     Returns:
         [B, Hq, T, D] attention output in ``q.dtype``.
     """
-    B, Hq, T, D = q.shape
+    B, Hq, T, _D = q.shape
     if Hq % k.shape[1] != 0:
         raise ValueError(f"query heads must be a multiple of KV heads, got {Hq} and {k.shape[1]}")
     if k_prefix is None:

@@ -62,7 +62,7 @@ class GradientCache:
         """Per layer (k, v) for one microbatch; their gradients accumulate into the cache."""
         return [
             (_AccumulateInto.apply(k, gk), _AccumulateInto.apply(v, gv))
-            for (k, v), (gk, gv) in zip(self.leaves, self.grads)
+            for (k, v), (gk, gv) in zip(self.leaves, self.grads, strict=True)
         ]
 
     @property
@@ -78,7 +78,7 @@ class GradientCache:
     def backward(self) -> None:
         """Phase C: one backward through the prompt graph from the accumulated gK/gV."""
         tensors, grads = [], []
-        for (k, v), (gk, gv) in zip(self.prompt_kv, self.grads):
+        for (k, v), (gk, gv) in zip(self.prompt_kv, self.grads, strict=True):
             tensors += [k, v]
             grads += [gk.to(k.dtype), gv.to(v.dtype)]
         self.grads = []  # the cast copies are all that phase C needs

@@ -69,7 +69,7 @@ def response_logprobs(
         head runs on response positions only.
     """
     picked = torch.cat(
-        [hidden[b, s : s + t.numel()] for b, (s, t) in enumerate(zip(starts, targets))]
+        [hidden[b, s : s + t.numel()] for b, (s, t) in enumerate(zip(starts, targets, strict=True))]
     )
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     logp = adapter.logits(picked).to(dtype).log_softmax(-1)
@@ -87,7 +87,7 @@ def microbatch_loss(
 ) -> torch.Tensor:
     """Sum of ``loss_fn`` over the responses of one microbatch, with the contract checked."""
     total = None
-    for lp, i in zip(logprobs, indices):
+    for lp, i in zip(logprobs, indices, strict=True):
         loss = loss_fn(lp, group, i)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
