@@ -88,8 +88,14 @@ class Group:
         return self.prompt_len + self.responses[i].numel() - 1
 
 
-def validate_groups(groups: Sequence[Group], vocab_size: int, max_positions: int | None) -> None:
-    """Check groups against a model: token ids in ``[0, vocab_size)``, lengths within positions.
+def validate_groups(
+    groups: Sequence[Group],
+    vocab_size: int,
+    max_positions: int | None,
+    device: torch.device | None = None,
+) -> None:
+    """Check groups against a model: token ids in ``[0, vocab_size)``, lengths within positions,
+    tokens on the model's ``device``.
 
     Raises ``TypeError``/``ValueError`` naming the rule and the offending value. Costs one host
     sync per group (a min/max reduction), once per step.
@@ -101,6 +107,11 @@ def validate_groups(groups: Sequence[Group], vocab_size: int, max_positions: int
     for g, group in enumerate(groups):
         if not isinstance(group, Group):
             raise TypeError(f"groups[{g}] must be an hbmplan.Group, got {type(group).__name__}")
+        if device is not None and group.prompt.device != device:
+            raise ValueError(
+                f"tokens must be on the model's device {device}, got groups[{g}] on "
+                f"{group.prompt.device}"
+            )
         ids = torch.cat([group.prompt.reshape(-1), *[r.reshape(-1) for r in group.responses]])
         lo, hi = torch.aminmax(ids)
         lo, hi = int(lo), int(hi)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 __all__ = ["prefix_attention_ref", "rms_norm_ref"]
 
@@ -45,15 +46,18 @@ def prefix_attention_ref(
     Returns:
         [B, Hq, T, D] attention output in ``q.dtype``.
     """
-    B, Hq, T, _D = q.shape
+    B, Hq, T, _ = q.shape
     if Hq % k.shape[1] != 0:
         raise ValueError(f"query heads must be a multiple of KV heads, got {Hq} and {k.shape[1]}")
     if k_prefix is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-    Pp = k_prefix.shape[2]
     keys = torch.cat([k_prefix.expand(B, -1, -1, -1), k], dim=2)
     values = torch.cat([v_prefix.expand(B, -1, -1, -1), v], dim=2)
-    mask = torch.ones(T, Pp + T, dtype=torch.bool, device=q.device).tril(diagonal=Pp)
+    S = keys.shape[2]
+    if q.is_cuda:  # bottom-right causal bias: the efficient kernel, no [T, S] mask in memory
+        bias = causal_lower_right(T, S)
+    else:  # an explicit mask (CausalBias does not survive dispatch modes like FlopCounterMode)
+        bias = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
     return F.scaled_dot_product_attention(
-        q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+        q, keys, values, attn_mask=bias, scale=scale, enable_gqa=True
     )

@@ -14,7 +14,7 @@ from torch import nn
 
 from hbmplan.models.reference import ReferenceDecoder
 
-__all__ = ["KV", "CausalLMAdapter", "ReferenceAdapter", "adapt"]
+__all__ = ["KV", "CausalLMAdapter", "ReferenceAdapter", "adapt", "model_device"]
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -110,3 +110,10 @@ def adapt(model: nn.Module | CausalLMAdapter) -> CausalLMAdapter:
         f"unsupported model {type(model).__name__}: hbmplan supports its ReferenceDecoder and "
         f"Hugging Face causal LMs of model_type {sorted(SUPPORTED_MODEL_TYPES)}"
     )
+
+
+def model_device(adapter: CausalLMAdapter) -> torch.device:
+    """The device of the model's first parameter (hbmplan runs single-device models)."""
+    for p in adapter.model.parameters():
+        return p.device
+    raise ValueError(f"{type(adapter.model).__name__} has no parameters")

@@ -45,9 +45,7 @@ class Lifetime:
         return "B" in self.used
 
 
-def classify(
-    storages: Iterable[SavedStorage], read_in_b: Sequence[torch.Tensor]
-) -> list[Lifetime]:
+def classify(storages: Iterable[SavedStorage], read_in_b: Sequence[torch.Tensor]) -> list[Lifetime]:
     """Lifetimes of phase-A storages; ``read_in_b`` are the tensors phase B reads (K/V leaves)."""
     hot = {storage_key(t) for t in read_in_b}
     return [

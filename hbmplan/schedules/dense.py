@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from hbmplan.group import Group, validate_groups
-from hbmplan.models.adapter import CausalLMAdapter, adapt
+from hbmplan.models.adapter import CausalLMAdapter, adapt, model_device
 from hbmplan.planner.capture import SavedTensorCapture
 from hbmplan.schedules.microbatch import (
     LossFn,
@@ -44,7 +44,7 @@ def dense_step(
     """
     adapter = adapt(model)
     check_tokens_per_microbatch(tokens_per_microbatch)
-    validate_groups(groups, adapter.vocab_size, adapter.max_positions)
+    validate_groups(groups, adapter.vocab_size, adapter.max_positions, model_device(adapter))
     device = groups[0].prompt.device
     stats = StepStats("dense", groups=len(groups), trajectories=sum(g.group_size for g in groups))
     clock = PhaseClock(stats, device)

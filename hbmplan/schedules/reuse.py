@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from hbmplan.group import Group, validate_groups
-from hbmplan.models.adapter import CausalLMAdapter, adapt
+from hbmplan.models.adapter import CausalLMAdapter, adapt, model_device
 from hbmplan.planner.capture import SavedTensorCapture, storage_key
 from hbmplan.schedules.grad_cache import GradientCache
 from hbmplan.schedules.microbatch import (
@@ -166,7 +166,7 @@ def reuse_step(
     """
     adapter = adapt(model)
     check_tokens_per_microbatch(tokens_per_microbatch)
-    validate_groups(groups, adapter.vocab_size, adapter.max_positions)
+    validate_groups(groups, adapter.vocab_size, adapter.max_positions, model_device(adapter))
     device = groups[0].prompt.device
     stats = StepStats("reuse", groups=len(groups), trajectories=sum(g.group_size for g in groups))
     clock = PhaseClock(stats, device)
