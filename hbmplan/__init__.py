@@ -1,8 +1,18 @@
 """hbmplan: shared-prefix reuse and HBM planning for RL post-training on long shared prompts."""
 
 from hbmplan import losses, models, schedules
+from hbmplan.errors import BudgetError
 from hbmplan.group import Group
 from hbmplan.memory import MemoryContext, Report, memory
 
-__all__ = ["Group", "MemoryContext", "Report", "losses", "memory", "models", "schedules"]
+__all__ = [
+    "BudgetError",
+    "Group",
+    "MemoryContext",
+    "Report",
+    "losses",
+    "memory",
+    "models",
+    "schedules",
+]
 __version__ = "0.1.0"

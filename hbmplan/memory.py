@@ -10,21 +10,21 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import nn
 
 from hbmplan.atomic import GradStash
 from hbmplan.group import Group
-from hbmplan.models.adapter import CausalLMAdapter, adapt
+from hbmplan.models.adapter import CausalLMAdapter, adapt, model_device
+from hbmplan.planner.plan import Rates
 from hbmplan.schedules.microbatch import LossFn
+from hbmplan.schedules.offload import OffloadMode, PromptOffloader
 from hbmplan.schedules.reuse import check_tokens_per_microbatch, reuse_step
 from hbmplan.schedules.stats import StepStats
 
 __all__ = ["MemoryContext", "Report", "memory", "parse_bytes"]
 
-OffloadMode = Literal["auto", "off", "all"]
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
 
@@ -76,6 +76,17 @@ class Report:
             f"prompt K/V {s.prompt_kv_bytes / mib:.1f} MiB, gradient cache "
             f"{s.grad_cache_bytes / mib:.1f} MiB, peaks from {s.memory_source}"
         )
+        off = s.offload
+        if off is not None and off.engine is not None:
+            e = off.engine
+            lines.append(
+                f"offloaded {e.bytes_offloaded / mib:.1f} MiB ({e.d2h_gbps:.1f} GB/s), "
+                f"prefetched {e.bytes_prefetched / mib:.1f} MiB ({e.h2d_gbps:.1f} GB/s), "
+                f"exposed wait {e.exposed_wait_s * 1e3:.1f} ms"
+                f"{', streamed in phase A' if off.streamed else ''} (totals of this context)"
+            )
+        if off is not None and off.plan is not None:
+            lines.append(str(off.plan))
         if self.failed_steps:
             lines.append(f"{self.failed_steps} step(s) failed and were rolled back")
         return "\n".join(lines)
@@ -93,6 +104,7 @@ class MemoryContext:
         atomic: bool,
         check_finite: bool,
         grad_cache_dtype: torch.dtype | None,
+        rates: Rates | None = None,
     ) -> None:
         if offload not in ("auto", "off", "all"):
             raise ValueError(f"offload must be 'auto', 'off' or 'all', got {offload!r}")
@@ -111,6 +123,9 @@ class MemoryContext:
         self.atomic = atomic
         self.check_finite = check_finite
         self.grad_cache_dtype = grad_cache_dtype
+        self._offloader = PromptOffloader(
+            model_device(self.adapter), self.hbm_budget, offload, rates
+        )
         self._report = Report()
         self._active = False
         self._saved_state: tuple[dict[nn.Module, bool], dict[nn.Parameter, bool]] | None = None
@@ -134,6 +149,7 @@ class MemoryContext:
             p.requires_grad_(flag)
         self._saved_state = None
         self._active = False
+        self._offloader.close()  # the host pool is given back; a re-entry allocates anew
 
     def step(
         self,
@@ -163,6 +179,7 @@ class MemoryContext:
                 tokens_per_microbatch,
                 grad_cache_dtype=self.grad_cache_dtype,
                 check_finite=self.check_finite,
+                offloader=self._offloader,
             )
         except BaseException:
             if stash is not None:
@@ -190,14 +207,19 @@ def memory(
     atomic: bool = True,
     check_finite: bool = False,
     grad_cache_dtype: torch.dtype | None = None,
+    rates: Rates | None = None,
 ) -> MemoryContext:
     """Wrap ``model`` for reuse-schedule training.
 
     Args:
         model: a Hugging Face causal LM of a supported family or an hbmplan ``ReferenceDecoder``.
-        hbm_budget: device bytes the step may use (int or "80GiB"); ``None``: no budget.
+        hbm_budget: device bytes the schedule's activations may occupy (int or "80GiB"):
+            prompt activations, K/V, gradient cache and microbatch working sets; parameters,
+            gradients and optimizer state are outside it. ``None``: no budget.
         offload: "auto" offloads dormant prompt activations when the budget requires it,
-            "off" never, "all" every dormant tensor.
+            "off" never (a budget is then only checked: ``BudgetError`` if it cannot hold),
+            "all" every dormant tensor.
+        rates: link and compute rates the planner uses (default: DESIGN.md's H200 figures).
         tokens_per_microbatch: default packing budget for response microbatches.
         atomic: restore ``.grad`` if a step raises (costs one gradient-sized buffer only when
             ``.grad`` already holds values at the start of the step; set ``False`` to skip).
@@ -205,5 +227,12 @@ def memory(
         grad_cache_dtype: gK/gV accumulation dtype; default fp32 for 16-bit models.
     """
     return MemoryContext(
-        model, hbm_budget, offload, tokens_per_microbatch, atomic, check_finite, grad_cache_dtype
+        model,
+        hbm_budget,
+        offload,
+        tokens_per_microbatch,
+        atomic,
+        check_finite,
+        grad_cache_dtype,
+        rates,
     )

@@ -35,6 +35,14 @@ class _HostEvent:
     def query(self) -> bool:
         return True
 
+    def wait_offloaded(self, handles: Iterable[OffloadHandle]) -> None:
+        """Block the host until the D2H copies of ``handles`` are complete, then release their
+        device storages: bounds the device bytes held by copies in flight (offload lag)."""
+        for h in handles:
+            if h._d2h_end is not None:
+                h._d2h_end.synchronize()
+        self.poll()
+
     def synchronize(self) -> None:
         pass
 
@@ -271,6 +279,14 @@ class OffloadEngine:
         """Release device storages whose D2H copies have completed (FIFO on one stream)."""
         while self._holding and self._holding[0][0].query():
             self._holding.popleft()
+
+    def wait_offloaded(self, handles: Iterable[OffloadHandle]) -> None:
+        """Block the host until the D2H copies of ``handles`` are complete, then release their
+        device storages: bounds the device bytes held by copies in flight (offload lag)."""
+        for h in handles:
+            if h._d2h_end is not None:
+                h._d2h_end.synchronize()
+        self.poll()
 
     def synchronize(self) -> None:
         """Wait for every issued copy, then release what they held."""

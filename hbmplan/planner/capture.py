@@ -1,21 +1,28 @@
 """See every tensor autograd saves during a phase, with its bytes, layer and producing op.
 
 `SavedTensorCapture` is a ``saved_tensors_hooks`` context whose pack hook files each saved tensor
-in a store it owns and hands autograd an integer ticket. Owning the store (instead of handing the
-tensor back) avoids the reference cycle ``tensor -> grad_fn -> packed tensor`` that an identity
-pack hook creates for saved outputs, and it is the seam the offload engine uses: a stored tensor
-can be swapped for a host copy and swapped back before its unpack.
+in a store it owns and hands autograd a small ticket object. Owning the store (instead of handing
+the tensor back) avoids the reference cycle ``tensor -> grad_fn -> packed tensor`` that an
+identity pack hook creates for saved outputs (the store keeps detached aliases), and it is the
+seam offload uses: a stored tensor
+can be swapped for a host copy and fetched back at its unpack. When autograd drops a ticket (its
+node ran backward, or the graph branch died) the store drops the tensor too, so lifetimes are
+exactly autograd's.
 """
 
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from hbmplan.allocator.engine import OffloadEngine, OffloadHandle
+from hbmplan.allocator.views import TensorMeta, rebuild
 
 __all__ = ["SavedStorage", "SavedTensorCapture", "storage_key"]
 
@@ -25,22 +32,28 @@ def storage_key(t: torch.Tensor) -> tuple[str, int]:
     return (str(t.device), t.untyped_storage().data_ptr())
 
 
-@dataclass
+@dataclass(eq=False)
 class SavedStorage:
     """One storage kept alive by autograd; views and aliases of it count once.
 
     Attributes:
-        key: (device, data pointer) of the storage.
+        id: position in capture order (stable for a given model and input shapes).
+        key: (device, data pointer) of the storage when it was saved.
         nbytes: bytes of the whole storage (what keeping it alive costs).
         dtype, shape: of the first saved tensor that referenced it.
         device: where it lives.
         layer: index of the decoder layer running when it was first saved; ``None`` outside
             the decoder layers (embedding, final norm).
+        last_layer: the layer of its latest save: after that layer's forward no new reference
+            to it is saved, and phase C's backward first needs it there.
         op: name of the autograd node that produced the first saved tensor (``"leaf"`` if none).
         phase: schedule phase in which it was first saved ("A", "B", ...).
-        tickets: the ids autograd holds for tensors in this storage.
+        tickets: ids of the live tickets autograd holds for tensors in this storage.
+        offloaded: its bytes are on the host (through an offload engine).
+        freed: autograd dropped every ticket: the capture no longer holds it.
     """
 
+    id: int
     key: tuple[str, int]
     nbytes: int
     dtype: torch.dtype
@@ -49,7 +62,28 @@ class SavedStorage:
     layer: int | None
     op: str
     phase: str
-    tickets: list[int] = field(default_factory=list)
+    last_layer: int | None = None
+    tickets: set[int] = field(default_factory=set)
+    offloaded: bool = False
+    freed: bool = False
+
+
+class _Ticket:
+    """What autograd holds for a saved tensor: an id, nothing that keeps the tensor alive."""
+
+    __slots__ = ("__weakref__", "id")
+
+    def __init__(self, id: int) -> None:
+        self.id = id
+
+
+@dataclass(frozen=True)
+class _Offloaded:
+    """Stands in the store for a saved tensor whose storage is on the host."""
+
+    handle: OffloadHandle
+    meta: TensorMeta
+    record: SavedStorage
 
 
 class SavedTensorCapture:
@@ -58,33 +92,46 @@ class SavedTensorCapture:
     Args:
         exclude: tensors whose storages are never recorded (the model's parameters and buffers:
             they outlive every schedule).
-        layers: decoder layers; a forward pre-hook on each tells which layer is running.
+        layers: decoder layers; a forward pre-hook on each tells which layer is running and
+            calls ``on_layer_start(index)`` if set.
 
     Use ``with capture.phase("A"):`` around the forward whose saved tensors to capture; the
     autograd graph built there unpacks from this store during backward. ``release()`` drops
-    the store once that backward has run (or the graph is abandoned).
+    what is left (a graph abandoned after a failure).
     """
 
     def __init__(self, exclude: Iterable[torch.Tensor] = (), layers: nn.ModuleList | None = None):
         self._exclude = {storage_key(t) for t in exclude}
         self._layers = layers
-        self._store: dict[int, torch.Tensor] = {}
-        self._ticket_storage: dict[int, tuple[str, int]] = {}
-        self.storages: dict[tuple[str, int], SavedStorage] = {}
+        self._store: dict[int, torch.Tensor | _Offloaded] = {}
+        self._ticket_record: dict[int, SavedStorage] = {}
+        self.records: list[SavedStorage] = []
+        self._on_device: dict[tuple[str, int], SavedStorage] = {}
         self._tickets = itertools.count()
         self._phase = ""
         self._layer: int | None = None
+        self._engine: OffloadEngine | None = None
+        self._reloaded: dict[int, torch.UntypedStorage] = {}
+        self.nbytes = 0
+        """Bytes of the distinct storages the capture holds on the device now."""
+        self.peak_nbytes = 0
+        """The most ``nbytes`` has been since the capture started (or ``reset_peak``)."""
+        self.on_layer_start = None  # optional callback(layer index), run before each layer
 
     # -- hooks ---------------------------------------------------------------------------------
-    def _pack(self, t: torch.Tensor) -> int | torch.Tensor:
+    def _pack(self, t: torch.Tensor) -> _Ticket | torch.Tensor:
         key = storage_key(t)
         if key in self._exclude:
             return t  # parameters: autograd's own reference, no cycle (they are leaves)
-        ticket = next(self._tickets)
-        self._store[ticket] = t
-        rec = self.storages.get(key)
+        ticket = _Ticket(next(self._tickets))
+        # Detached: a saved output would otherwise hold its own grad_fn, whose saved variable
+        # holds the ticket, which the store keys: a cycle that keeps dead graph branches alive.
+        # Autograd re-attaches the grad_fn itself when it unpacks.
+        self._store[ticket.id] = t.detach()
+        rec = self._on_device.get(key)
         if rec is None:
             rec = SavedStorage(
+                id=len(self.records),
                 key=key,
                 nbytes=t.untyped_storage().nbytes(),
                 dtype=t.dtype,
@@ -93,24 +140,60 @@ class SavedTensorCapture:
                 layer=self._layer,
                 op=type(t.grad_fn).__name__ if t.grad_fn is not None else "leaf",
                 phase=self._phase,
+                last_layer=self._layer,
             )
-            self.storages[key] = rec
-        rec.tickets.append(ticket)
-        self._ticket_storage[ticket] = key
+            self.records.append(rec)
+            self._on_device[key] = rec
+            self.nbytes += rec.nbytes
+            self.peak_nbytes = max(self.peak_nbytes, self.nbytes)
+        if self._layer is not None:
+            rec.last_layer = self._layer
+        rec.tickets.add(ticket.id)
+        self._ticket_record[ticket.id] = rec
+        weakref.finalize(ticket, self._drop_ticket, ticket.id)
         return ticket
 
-    def _unpack(self, ticket: int | torch.Tensor) -> torch.Tensor:
+    def _unpack(self, ticket: _Ticket | torch.Tensor) -> torch.Tensor:
         if isinstance(ticket, torch.Tensor):
             return ticket
-        if ticket not in self._store:
+        if ticket.id not in self._store:
             raise RuntimeError(
-                f"saved tensor {ticket} was released before backward used it; "
+                f"saved tensor {ticket.id} was released before backward used it; "
                 "release() must come after the backward of the captured graph"
             )
-        return self._store[ticket]
+        entry = self._store[ticket.id]
+        if not isinstance(entry, _Offloaded):
+            return entry
+        # The first unpack of an offloaded storage fetches it; its other views reuse the copy
+        # until autograd has dropped all of their tickets.
+        storage = self._reloaded.get(entry.record.id)
+        if storage is None:
+            assert self._engine is not None
+            storage = self._reloaded[entry.record.id] = self._engine.fetch(entry.handle)
+        return rebuild(storage, entry.meta)
+
+    def _drop_ticket(self, ticket: int) -> None:
+        entry = self._store.pop(ticket, None)
+        rec = self._ticket_record.pop(ticket, None)
+        if rec is None:
+            return
+        rec.tickets.discard(ticket)
+        if rec.tickets:
+            return
+        rec.freed = True
+        self._leave_device(rec)
+        self._reloaded.pop(rec.id, None)
+        live_copy = isinstance(entry, _Offloaded) and entry.handle.state in (
+            "offloaded",
+            "prefetched",
+        )
+        if live_copy and self._engine is not None and not self._engine.closed:
+            self._engine.discard(entry.handle)  # a dead branch: its host copy is not needed
 
     def _enter_layer(self, index: int):
         def hook(_module, _args):
+            if self.on_layer_start is not None:
+                self.on_layer_start(index)
             self._layer = index
 
         return hook
@@ -134,23 +217,53 @@ class SavedTensorCapture:
                 h.remove()
             self._layer = None
 
-    def stored(self, ticket: int) -> torch.Tensor:
-        """The tensor held for ``ticket``."""
-        return self._store[ticket]
-
-    def replace(self, key: tuple[str, int], tensors: dict[int, torch.Tensor]) -> None:
-        """Swap the stored tensors of storage ``key`` (ticket -> tensor), e.g. for a reload."""
-        for ticket, t in tensors.items():
-            assert self._ticket_storage[ticket] == key, "ticket belongs to another storage"
-            self._store[ticket] = t
-
     @property
-    def nbytes(self) -> int:
-        """Bytes of all distinct storages recorded since the last release."""
-        return sum(rec.nbytes for rec in self.storages.values())
+    def storages(self) -> dict[tuple[str, int], SavedStorage]:
+        """Live storages still on the device, by key (offloaded and freed ones excluded)."""
+        return dict(self._on_device)
+
+    def live_records(self) -> list[SavedStorage]:
+        """Records autograd still holds (on the device or offloaded), in capture order."""
+        return [rec for rec in self.records if not rec.freed]
+
+    def offload(self, rec: SavedStorage, engine: OffloadEngine) -> OffloadHandle:
+        """Move storage ``rec`` to the host through ``engine``; the store keeps only markers.
+
+        The device memory is released once the copy completes (the engine holds it until then)
+        and nothing else references it. The backward's first unpack of any of its views fetches
+        it back (from a prefetch when :meth:`OffloadEngine.start_reload` scheduled one).
+        """
+        if rec.offloaded or rec.freed:
+            raise ValueError(
+                f"storage {rec.id} is already {'offloaded' if rec.offloaded else 'freed'}"
+            )
+        if self._engine is not None and self._engine is not engine:
+            raise ValueError("a capture offloads through one engine")
+        self._engine = engine
+        tickets = sorted(rec.tickets)
+        handle = engine.offload(self._store[tickets[0]])
+        for ticket in tickets:
+            self._store[ticket] = _Offloaded(handle, TensorMeta.of(self._store[ticket]), rec)
+        rec.offloaded = True
+        self._leave_device(rec)
+        return handle
+
+    def _leave_device(self, rec: SavedStorage) -> None:
+        # its address may be reused by a new storage now: it is no longer the key's owner
+        if self._on_device.get(rec.key) is rec:
+            del self._on_device[rec.key]
+            self.nbytes -= rec.nbytes
+
+    def reset_peak(self) -> None:
+        """Start a new peak measurement from the bytes held now."""
+        self.peak_nbytes = self.nbytes
 
     def release(self) -> None:
-        """Drop every stored tensor and record."""
+        """Drop every stored tensor and record (offloaded handles are the engine's to close)."""
         self._store.clear()
-        self._ticket_storage.clear()
-        self.storages.clear()
+        self._ticket_record.clear()
+        self._on_device.clear()
+        self._reloaded.clear()
+        self.records = []
+        self._engine = None
+        self.nbytes = self.peak_nbytes = 0

@@ -22,9 +22,10 @@ class Lifetime:
     """One saved storage of the prompt graph.
 
     Attributes:
-        id: index of the storage in capture order (stable for a given model and shape).
+        id: the storage's capture-order id (stable for a given model and shape).
         nbytes: bytes of the storage.
-        layer: decoder layer that saved it (``None``: embedding / outside the layers).
+        layer: the last decoder layer that saved it (``None``: only outside the layers). Its
+            forward is the last to reference it; phase C's backward first needs it there.
         op: autograd node that produced it.
         dtype: its dtype, as a string (``"torch.bfloat16"``).
         born: phase that created it ("A").
@@ -50,13 +51,13 @@ def classify(storages: Iterable[SavedStorage], read_in_b: Sequence[torch.Tensor]
     hot = {storage_key(t) for t in read_in_b}
     return [
         Lifetime(
-            id=i,
+            id=rec.id,
             nbytes=rec.nbytes,
-            layer=rec.layer,
+            layer=rec.last_layer,
             op=rec.op,
             dtype=str(rec.dtype),
             born=rec.phase,
             used=("B", "C") if rec.key in hot else ("C",),
         )
-        for i, rec in enumerate(storages)
+        for rec in storages
     ]

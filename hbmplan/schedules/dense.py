@@ -72,7 +72,7 @@ def dense_step(
                             )
                             loss = microbatch_loss(loss_fn, logprobs, group, indices, check_finite)
                         if capture is not None:
-                            clock.sample("dense", capture.nbytes)
+                            clock.sample("dense", capture.peak_nbytes)
                         loss.backward()
                     finally:
                         if capture is not None:

@@ -26,7 +26,7 @@ from torch import nn
 
 from hbmplan.group import Group, validate_groups
 from hbmplan.models.adapter import CausalLMAdapter, adapt, model_device
-from hbmplan.planner.capture import SavedTensorCapture, storage_key
+from hbmplan.planner.capture import SavedTensorCapture
 from hbmplan.schedules.grad_cache import GradientCache
 from hbmplan.schedules.microbatch import (
     LossFn,
@@ -35,6 +35,7 @@ from hbmplan.schedules.microbatch import (
     padded_rows,
     response_logprobs,
 )
+from hbmplan.schedules.offload import PromptOffloader, held_bytes
 from hbmplan.schedules.stats import PhaseClock, StepStats
 
 __all__ = ["check_tokens_per_microbatch", "reuse_step"]
@@ -58,18 +59,21 @@ def _model_storages(adapter: CausalLMAdapter) -> list[torch.Tensor]:
     return [*model.parameters(), *model.buffers()]
 
 
-def _held_bytes(capture: SavedTensorCapture | None, tensors: Sequence[torch.Tensor]) -> int:
-    """Bytes of the captured storages plus those of ``tensors`` not among them."""
-    if capture is None:
-        return 0
-    seen = set(capture.storages)
-    extra = 0
-    for t in tensors:
-        key = storage_key(t)
-        if key not in seen:
-            seen.add(key)
-            extra += t.untyped_storage().nbytes()
-    return capture.nbytes + extra
+def _b_working_estimate(
+    capture: SavedTensorCapture,
+    prompt_tokens: int,
+    batches: list[tuple[int, int]],
+    kv_bytes: int,
+    vocab: int,
+) -> int:
+    """Phase-B working set for the planner, before phase B has run: saved bytes per prompt
+    token times the largest microbatch's padded tokens, its rows' copies of the prompt K/V
+    (twice: the concatenation and its transient), and its fp32 logits."""
+    per_token = capture.nbytes / max(prompt_tokens, 1)
+    return max(
+        int(per_token * rows * T) + 2 * rows * kv_bytes + 8 * rows * T * vocab
+        for rows, T in batches
+    )
 
 
 def _reuse_group(
@@ -82,13 +86,20 @@ def _reuse_group(
     grad_cache_dtype: torch.dtype | None,
     check_finite: bool,
     track_bytes: bool,
+    offloader: PromptOffloader | None,
 ) -> torch.Tensor:
     P = group.prompt_len
     device = group.prompt.device
     exclude = _model_storages(adapter)
-    prompt_capture = SavedTensorCapture(exclude, adapter.layers) if track_bytes else None
+    capture_prompt = track_bytes or offloader is not None
+    prompt_capture = SavedTensorCapture(exclude, adapter.layers) if capture_prompt else None
     cache: GradientCache | None = None
     mb_capture: SavedTensorCapture | None = None
+    batches = pack_rows(group.response_lens, tokens_per_microbatch)
+    shapes = [(len(b), max(group.response_lens[i] for i in b)) for b in batches]
+    shape_key = (P, tuple(shapes))
+    if offloader is not None:
+        offloader.begin_group(prompt_capture, shape_key)
     try:
         # ---- Phase A: prompt forward once, keeping the graph. ----
         with (
@@ -100,8 +111,15 @@ def _reuse_group(
                 adapter.prompt_kv(group.prompt[None, :-1], positions), grad_cache_dtype
             )
         kv_flat = [t for kv in cache.prompt_kv for t in kv]
-        held_prompt = _held_bytes(prompt_capture, kv_flat)
-        clock.sample("A", held_prompt)
+        if prompt_capture is not None:  # phase A's peak: before any offload after it
+            kv_extra = held_bytes(prompt_capture, kv_flat) - prompt_capture.nbytes
+            clock.sample("A", prompt_capture.peak_nbytes + kv_extra)
+        if offloader is not None:
+            b_work = _b_working_estimate(
+                prompt_capture, P - 1, shapes, cache.kv_bytes, adapter.vocab_size
+            )
+            offloader.after_phase_a(prompt_capture, kv_flat, shape_key, cache.nbytes, b_work)
+        held_prompt = held_bytes(prompt_capture, kv_flat)
         stats.prompt_kv_bytes = max(stats.prompt_kv_bytes, cache.kv_bytes)
         stats.grad_cache_bytes = max(stats.grad_cache_bytes, cache.nbytes)
 
@@ -109,7 +127,7 @@ def _reuse_group(
         total = torch.zeros((), device=device)
         boundary = group.prompt[-1:]
         with clock.phase("B"):
-            for indices in pack_rows(group.response_lens, tokens_per_microbatch):
+            for indices in batches:
                 targets = [group.responses[i] for i in indices]
                 ids, pos = padded_rows([torch.cat([boundary, t[:-1]]) for t in targets], P - 1)
                 if track_bytes:
@@ -119,19 +137,29 @@ def _reuse_group(
                     logprobs = response_logprobs(adapter, hidden, [0] * len(indices), targets)
                     loss = microbatch_loss(loss_fn, logprobs, group, indices, check_finite)
                 if mb_capture is not None:
-                    clock.sample("B", held_prompt + cache.nbytes + mb_capture.nbytes)
+                    clock.sample("B", held_prompt + cache.nbytes + mb_capture.peak_nbytes)
                 loss.backward()
                 total = total + loss.detach().to(total.dtype)
                 stats.microbatches += 1
                 if mb_capture is not None:
                     mb_capture.release()
+                if offloader is not None:
+                    offloader.poll()
                 del hidden, logprobs, loss
 
         # ---- Phase C: prompt backward once from the gradient cache. ----
         with clock.phase("C"):
             clock.sample("C", held_prompt + cache.nbytes)
+            if offloader is not None:
+                offloader.start_reload()
             cache.backward()
+            if offloader is not None:
+                offloader.end_group()
         return total
+    except BaseException:
+        if offloader is not None:
+            offloader.abort()
+        raise
     finally:
         if cache is not None:
             cache.release()
@@ -148,6 +176,7 @@ def reuse_step(
     *,
     grad_cache_dtype: torch.dtype | None = None,
     check_finite: bool = False,
+    offloader: PromptOffloader | None = None,
 ) -> StepStats:
     """One training step with the reuse schedule; gradients accumulate into ``.grad``.
 
@@ -160,6 +189,7 @@ def reuse_step(
         grad_cache_dtype: dtype of the gK/gV accumulators; default fp32 for 16-bit models.
         check_finite: raise ``FloatingPointError`` on a non-finite loss (one host sync per
             response).
+        offloader: carries out offload plans (``hbmplan.memory`` passes its own).
 
     This function alone is not atomic: use :func:`hbmplan.memory` for a step that restores
     ``.grad`` on failure. Its own buffers are released on any exit.
@@ -183,9 +213,12 @@ def reuse_step(
                 grad_cache_dtype,
                 check_finite,
                 track_bytes=device.type != "cuda",
+                offloader=offloader if offloader is not None and offloader.active else None,
             )
             total = loss if total is None else total + loss
         stats.loss = total
+        if offloader is not None and offloader.active:
+            stats.offload = offloader.report()
         return clock.finish()
     except BaseException as exc:
         # The traceback would keep the failed microbatch's graph (and through it the gradient

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -63,6 +63,8 @@ class StepStats:
     """Largest gradient cache (gK/gV) of a group."""
     loss: torch.Tensor | None = None
     """Sum of the loss over all trajectories, detached (no host sync is made to read it)."""
+    offload: Any = None
+    """:class:`hbmplan.schedules.offload.OffloadReport` when the step planned offload."""
 
     @property
     def seconds(self) -> float:

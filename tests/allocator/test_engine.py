@@ -208,17 +208,13 @@ def test_autograd_through_capture_is_unchanged():
         cap = SavedTensorCapture(exclude=[w])
         with cap.phase("A"):
             y = torch.tanh(x @ w).sigmoid().sum()
-        if offload:
-            with HostPool(1 << 16, pin=False) as pool, OffloadEngine(pool, "cpu") as eng:
-                moved = {
-                    k: (eng.offload(cap.stored(rec.tickets[0])), rec.tickets)
-                    for k, rec in cap.storages.items()
-                }
-                eng.start_reload([h for h, _ in moved.values()][::-1], depth=1)
-                for key, (h, tickets) in reversed(moved.items()):
-                    s = eng.fetch(h)
-                    cap.replace(key, {t: rebuild(s, TensorMeta.of(cap.stored(t))) for t in tickets})
-        y.backward()
+        with HostPool(1 << 16, pin=False) as pool, OffloadEngine(pool, "cpu") as eng:
+            if offload:
+                handles = [cap.offload(rec, eng) for rec in cap.live_records()]
+                assert cap.nbytes == 0 and eng.live_handles == len(handles) > 0
+                eng.start_reload(handles[::-1], depth=1)
+            y.backward()
+            assert eng.live_handles == 0
         cap.release()
         return w.grad
 
