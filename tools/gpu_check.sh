@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One prepared GPU session: correctness first (the gpu-marked tests), then the benchmarks, each
+# bounded in time; tables are printed last and results land in benchmarks/results/.
+# Usage on the GPU machine (torch, triton, transformers preinstalled): bash tools/gpu_check.sh [quick]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=.
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+status=0
+timeout 240 python -m pytest -q -m gpu tests || status=1
+if [ "${1:-}" != "quick" ]; then
+  timeout 240 python tools/bench_schedule.py --repeats 3 || status=1
+  timeout 180 python tools/bench_offload.py --repeats 2 || status=1
+  [ -f tools/bench_attention.py ] && { timeout 180 python tools/bench_attention.py || status=1; }
+fi
+ls -l benchmarks/results/ 2>/dev/null
+exit $status
