@@ -10,11 +10,13 @@ from hbmplan.models import DecoderConfig, ReferenceDecoder
 VOCAB = 61
 
 
-def tiny_reference(dtype=torch.float64, seed=0, layers=2, heads=4, kv_heads=2, hidden=32):
+def tiny_reference(
+    dtype=torch.float64, seed=0, layers=2, heads=4, kv_heads=2, hidden=32, max_positions=512
+):
     torch.manual_seed(seed)
     cfg = DecoderConfig(
         vocab_size=VOCAB, hidden_size=hidden, num_layers=layers, num_heads=heads,
-        num_kv_heads=kv_heads, intermediate_size=48, max_positions=512,
+        num_kv_heads=kv_heads, intermediate_size=48, max_positions=max_positions,
     )  # fmt: skip
     return ReferenceDecoder(cfg).to(dtype)
 
