@@ -2,6 +2,10 @@ import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # before anything imports Triton (torch.nn.attention does)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from hypothesis import settings
 
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)

@@ -5,11 +5,18 @@ The schedules use these when CUDA or Triton is absent, and the kernel tests comp
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-__all__ = ["prefix_attention_ref", "rms_norm_ref"]
+__all__ = [
+    "check_varlen_inputs",
+    "prefix_attention_ref",
+    "prefix_attention_varlen_ref",
+    "rms_norm_ref",
+]
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -61,3 +68,151 @@ def prefix_attention_ref(
     return F.scaled_dot_product_attention(
         q, keys, values, attn_mask=bias, scale=scale, enable_gqa=True
     )
+
+
+def prefix_attention_varlen_ref(
+    q: torch.Tensor,
+    k_prefix: torch.Tensor,
+    v_prefix: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    grad_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """:func:`hbmplan.kernels.prefix_attention` for packed sequences, in plain PyTorch.
+
+    Query ``t`` of sequence ``n`` (tokens ``cu_seqlens[n]:cu_seqlens[n+1]``) sees every prompt key
+    and its own sequence's keys up to itself. Each sequence runs :func:`prefix_attention_ref` once
+    (one host sync reads ``cu_seqlens``); the prompt K/V are concatenated per sequence.
+
+    Args:
+        q: [T, Hq, D] queries of all packed sequences (post-RoPE), any float dtype.
+        k_prefix, v_prefix: [Pp, Hkv, D] the prompt's keys/values, any strides.
+        k, v: [T, Hkv, D] the sequences' own keys/values. ``Hq`` must be a multiple of ``Hkv``.
+        cu_seqlens: int32 [N+1]: 0, strictly increasing, T.
+        grad_cache: ``(gk, gv)`` [Pp, Hkv, D] float buffers; backward adds the prompt's dK/dV into
+            them in place (for whichever of k_prefix, v_prefix requires grad), and k_prefix and
+            v_prefix get no autograd gradient. The reference builds a prompt-sized gradient first.
+        scale: softmax scale, default ``D ** -0.5``.
+
+    Returns:
+        [T, Hq, D] in q's dtype.
+    """
+    # it reads cu_seqlens on the host anyway, so its values are checked wherever it lives
+    check_varlen_inputs(q, k_prefix, v_prefix, k, v, cu_seqlens, grad_cache, check_values=True)
+    if grad_cache is not None:
+        k_prefix = _AccumulateInto.apply(k_prefix, grad_cache[0])
+        v_prefix = _AccumulateInto.apply(v_prefix, grad_cache[1])
+    kp = k_prefix.transpose(0, 1).unsqueeze(0)  # [1, Hkv, Pp, D]
+    vp = v_prefix.transpose(0, 1).unsqueeze(0)
+    outs = []
+    for lo, hi in itertools.pairwise(cu_seqlens.tolist()):
+        row = [x[lo:hi].transpose(0, 1).unsqueeze(0) for x in (q, k, v)]  # [1, H, L, D]
+        out = prefix_attention_ref(row[0], kp, vp, row[1], row[2], scale)
+        outs.append(out[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+class _AccumulateInto(torch.autograd.Function):
+    """Identity in forward; backward adds the gradient into ``buffer`` and returns none."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+        ctx.buffer = buffer
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.buffer.add_(grad)
+        return None, None
+
+
+def check_varlen_inputs(
+    q: torch.Tensor,
+    k_prefix: torch.Tensor,
+    v_prefix: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    grad_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+    check_values: bool | None = None,
+) -> tuple[int, int, int, int, int, int]:
+    """Validate packed prefix-attention inputs; return ``(N, T, Hq, Hkv, D, Pp)``.
+
+    ``cu_seqlens`` values are checked if ``check_values``, by default when it is on the CPU (no
+    host sync); otherwise only its dtype, shape and device.
+    """
+    for name, x in (("q", q), ("k_prefix", k_prefix), ("v_prefix", v_prefix), ("k", k), ("v", v)):
+        if x.dim() != 3:
+            raise ValueError(
+                f"{name} must be 3-D [tokens, heads, head_dim], got shape {tuple(x.shape)}"
+            )
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
+    if not q.dtype.is_floating_point:
+        raise ValueError(f"q must be a floating-point tensor, got {q.dtype}")
+    total, hq, d = q.shape
+    n_prefix, hkv, _ = k_prefix.shape
+    if k.shape != (total, hkv, d):
+        raise ValueError(
+            f"k must be [T, Hkv, D] = {(total, hkv, d)} (T and D from q, Hkv from k_prefix), "
+            f"got {tuple(k.shape)}"
+        )
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if k_prefix.shape[2] != d:
+        raise ValueError(f"k_prefix head dim must equal q's {d}, got {k_prefix.shape[2]}")
+    if v_prefix.shape != k_prefix.shape:
+        raise ValueError(
+            f"v_prefix must have k_prefix's shape {tuple(k_prefix.shape)}, got "
+            f"{tuple(v_prefix.shape)}"
+        )
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"query heads must be a multiple of KV heads, got {hq} and {hkv}")
+    if cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(
+            f"cu_seqlens must be 1-D [N+1] with N >= 1, got shape {tuple(cu_seqlens.shape)}"
+        )
+    if cu_seqlens.device.type != "cpu" and cu_seqlens.device != q.device:
+        raise ValueError(
+            f"cu_seqlens must be on the CPU or q's device {q.device}, got {cu_seqlens.device}"
+        )
+    if check_values or (check_values is None and cu_seqlens.device.type == "cpu"):
+        b = cu_seqlens.tolist()
+        if b[0] != 0:
+            raise ValueError(f"cu_seqlens must start at 0, got {b[0]}")
+        bad = [n for n, (lo, hi) in enumerate(itertools.pairwise(b)) if hi <= lo]
+        if bad:
+            n = bad[0]
+            raise ValueError(
+                f"cu_seqlens must be strictly increasing (every sequence >= 1 token), got "
+                f"cu_seqlens[{n}] = {b[n]} and cu_seqlens[{n + 1}] = {b[n + 1]}"
+            )
+        if b[-1] != total:
+            raise ValueError(f"cu_seqlens must end at T = {total} (q's tokens), got {b[-1]}")
+    if grad_cache is not None:
+        if len(grad_cache) != 2:
+            raise ValueError(f"grad_cache must be a pair (gk, gv), got {len(grad_cache)} items")
+        for name, g in zip(("gk", "gv"), grad_cache, strict=True):
+            if g.shape != k_prefix.shape:
+                raise ValueError(
+                    f"grad_cache {name} must have k_prefix's shape {tuple(k_prefix.shape)}, got "
+                    f"{tuple(g.shape)}"
+                )
+            if not g.dtype.is_floating_point or g.device != q.device:
+                raise ValueError(
+                    f"grad_cache {name} must be a float tensor on {q.device}, got {g.dtype} on "
+                    f"{g.device}"
+                )
+            if g.stride(-1) != 1:
+                raise ValueError(
+                    f"grad_cache {name} must have a contiguous last dim (it is written in place), "
+                    f"got strides {g.stride()}"
+                )
+    return cu_seqlens.numel() - 1, total, hq, hkv, d, n_prefix
