@@ -16,12 +16,13 @@ from torch import nn
 
 from hbmplan.atomic import GradStash
 from hbmplan.group import Group
-from hbmplan.models.adapter import CausalLMAdapter, adapt, model_device
+from hbmplan.models.adapter import CausalLMAdapter, adapt, model_device, router_spec
 from hbmplan.planner.plan import Rates
 from hbmplan.schedules.microbatch import LossFn
 from hbmplan.schedules.offload import OffloadMode, PromptOffloader
 from hbmplan.schedules.reuse import check_tokens_per_microbatch, reuse_step
-from hbmplan.schedules.stats import StepStats
+from hbmplan.schedules.router import RouterLossMode, resolve_router_loss
+from hbmplan.schedules.stats import RouterStepStats, StepStats
 
 __all__ = ["MemoryContext", "Report", "memory", "parse_bytes"]
 
@@ -87,9 +88,25 @@ class Report:
             )
         if off is not None and off.plan is not None:
             lines.append(str(off.plan))
+        if s.router is not None:
+            lines += _router_lines(s.router)
         if self.failed_steps:
             lines.append(f"{self.failed_steps} step(s) failed and were rolled back")
         return "\n".join(lines)
+
+
+def _router_lines(r: RouterStepStats) -> list[str]:
+    z = f", z-loss {float(r.z_loss):.6g}" if r.z_loss is not None else ""
+    counts = r.expert_tokens.sum(0).tolist()
+    lines = [
+        f"router loss ({r.mode}) {float(r.loss):.6g}: load balancing {float(r.aux_loss):.6g}{z}",
+        f"tokens per expert as the dense trainer counts them (prompt x G + responses, (token, "
+        f"slot) pairs summed over {r.expert_tokens.shape[0]} router layers):",
+    ]
+    lines += [
+        "  " + " ".join(f"{c:>7d}" for c in counts[i : i + 12]) for i in range(0, len(counts), 12)
+    ]
+    return lines
 
 
 class MemoryContext:
@@ -105,6 +122,7 @@ class MemoryContext:
         check_finite: bool,
         grad_cache_dtype: torch.dtype | None,
         rates: Rates | None = None,
+        router_loss: RouterLossMode = "per-trajectory",
     ) -> None:
         if offload not in ("auto", "off", "all"):
             raise ValueError(f"offload must be 'auto', 'off' or 'all', got {offload!r}")
@@ -116,6 +134,8 @@ class MemoryContext:
                 f"grad_cache_dtype must be a floating torch.dtype, got {grad_cache_dtype!r}"
             )
         self.adapter: CausalLMAdapter = adapt(model)
+        resolve_router_loss(router_loss, router_spec(self.adapter))
+        self.router_loss = router_loss
         self.model = self.adapter.model
         self.hbm_budget = parse_bytes(hbm_budget) if hbm_budget is not None else None
         self.offload = offload
@@ -180,6 +200,7 @@ class MemoryContext:
                 grad_cache_dtype=self.grad_cache_dtype,
                 check_finite=self.check_finite,
                 offloader=self._offloader,
+                router_loss=self.router_loss,
             )
         except BaseException:
             if stash is not None:
@@ -208,6 +229,7 @@ def memory(
     check_finite: bool = False,
     grad_cache_dtype: torch.dtype | None = None,
     rates: Rates | None = None,
+    router_loss: RouterLossMode = "per-trajectory",
 ) -> MemoryContext:
     """Wrap ``model`` for reuse-schedule training.
 
@@ -225,6 +247,15 @@ def memory(
             ``.grad`` already holds values at the start of the step; set ``False`` to skip).
         check_finite: raise ``FloatingPointError`` on a non-finite loss.
         grad_cache_dtype: gK/gV accumulation dtype; default fp32 for 16-bit models.
+        router_loss: for a mixture-of-experts model whose router loss is on (Hugging Face:
+            ``config.output_router_logits`` and ``router_aux_loss_coef > 0``; hbmplan's
+            ``MoEDecoder``: a positive coefficient in its config), what each step adds to the
+            loss, with the dense trainer's value and gradients: "per-trajectory" each
+            trajectory's ``coef * aux`` as its own forward computes it (Hugging Face's
+            semantics), "global-batch" one loss over all tokens of the step (prompt tokens
+            weighted G; costs a forward-only counting pass), "off" nothing. Prompt tokens go
+            through the experts once per step; ``report()`` shows per-expert token counts. See
+            :mod:`hbmplan.schedules.router`.
     """
     return MemoryContext(
         model,
@@ -235,4 +266,5 @@ def memory(
         check_finite,
         grad_cache_dtype,
         rates,
+        router_loss,
     )

@@ -3,6 +3,10 @@
 A schedule never calls a model directly: it asks an adapter for the prompt's per-layer K/V (phase
 A), for hidden states of response rows that attend to K/V leaves (phase B), for hidden states of
 whole trajectories (the dense baseline), and for LM-head logits on chosen positions.
+
+A mixture-of-experts adapter also has ``router`` (the :class:`RouterSpec` of the router loss the
+model trains with, ``None`` when it is off) and its three forward methods take a keyword
+``router_logits``: a list the forward appends each router layer's logits to.
 """
 
 from __future__ import annotations
@@ -12,9 +16,18 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from hbmplan.models.moe import MoEDecoder, RouterSpec
 from hbmplan.models.reference import ReferenceDecoder
 
-__all__ = ["KV", "CausalLMAdapter", "ReferenceAdapter", "adapt", "model_device"]
+__all__ = [
+    "KV",
+    "CausalLMAdapter",
+    "MoEAdapter",
+    "ReferenceAdapter",
+    "adapt",
+    "model_device",
+    "router_spec",
+]
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -84,31 +97,92 @@ class ReferenceAdapter:
         return self.model.lm_head(hidden)
 
 
+class MoEAdapter:
+    """Adapter for :class:`hbmplan.models.MoEDecoder`."""
+
+    def __init__(self, model: MoEDecoder) -> None:
+        self.model = model
+        self.vocab_size = model.cfg.vocab_size
+        self.max_positions = model.cfg.max_positions
+        self.num_layers = model.cfg.num_layers
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    @property
+    def router(self) -> RouterSpec | None:
+        """The configured router loss; ``None`` when both coefficients are 0."""
+        spec = self.model.cfg.router_spec()
+        return spec if spec.aux_coef > 0 or spec.z_coef > 0 else None
+
+    def _run(self, ids, positions, prefix_kv, router_logits):
+        hidden, kvs, logits = self.model(ids, positions, prefix_kv=prefix_kv)
+        if router_logits is not None:
+            router_logits.extend(logits)
+        return hidden, kvs
+
+    def prompt_kv(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        router_logits: list[torch.Tensor] | None = None,
+    ) -> list[KV]:
+        return self._run(ids, positions, None, router_logits)[1]
+
+    def response_hidden(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        prefix_kv: list[KV],
+        router_logits: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        return self._run(ids, positions, prefix_kv, router_logits)[0]
+
+    def full_hidden(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        router_logits: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        return self._run(ids, positions, None, router_logits)[0]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden)
+
+
+def router_spec(adapter: CausalLMAdapter) -> RouterSpec | None:
+    """The router loss ``adapter``'s model trains with; ``None`` for dense models or when off."""
+    return getattr(adapter, "router", None)
+
+
 def adapt(model: nn.Module | CausalLMAdapter) -> CausalLMAdapter:
-    """Return the adapter for ``model``: hbmplan's reference decoder or a supported Hugging Face
+    """Return the adapter for ``model``: hbmplan's reference decoders or a supported Hugging Face
     causal LM (see :data:`hbmplan.models.hf.SUPPORTED_MODEL_TYPES`). An adapter passes through.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or adapter.
         ValueError: the model family is not supported (the message lists what is).
     """
-    if isinstance(model, (ReferenceAdapter,)) or (
+    if isinstance(model, (ReferenceAdapter, MoEAdapter)) or (
         not isinstance(model, nn.Module) and isinstance(model, CausalLMAdapter)
     ):
         return model
     if isinstance(model, ReferenceDecoder):
         return ReferenceAdapter(model)
+    if isinstance(model, MoEDecoder):
+        return MoEAdapter(model)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     from hbmplan.models.hf import HFAdapter, is_hf_model
 
     if is_hf_model(model):
         return HFAdapter(model)
-    from hbmplan.models.hf import SUPPORTED_MODEL_TYPES
+    from hbmplan.models.hf import supported_text
 
     raise ValueError(
-        f"unsupported model {type(model).__name__}: hbmplan supports its ReferenceDecoder and "
-        f"Hugging Face causal LMs of model_type {sorted(SUPPORTED_MODEL_TYPES)}"
+        f"unsupported model {type(model).__name__}: hbmplan supports its ReferenceDecoder, "
+        f"MoEDecoder and Hugging Face causal LMs of model_type {supported_text()}"
     )
 
 

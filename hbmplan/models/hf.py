@@ -7,6 +7,13 @@ aligns response queries bottom-right against ``[prefix ; own]`` keys.
 
 Works with the ``past_key_values=`` keyword (transformers 5.x up to its rename) and ``cache=``
 (newer releases): the keyword is looked up once from the base model's signature.
+
+Mixture-of-experts families (:data:`MOE_MODEL_TYPES`) train with the router loss their own
+``*ForCausalLM.forward`` adds: when ``config.output_router_logits`` is on and
+``router_aux_loss_coef > 0``, ``coef * load_balancing_loss_func(router_logits, num_experts, top_k)``
+over one forward (attention mask ``None``). The adapter reads the router logits the base model
+records (``output_router_logits=True``), and :class:`RouterSpec` states that formula
+("all-layers", softmax in the logits' dtype).
 """
 
 from __future__ import annotations
@@ -16,13 +23,25 @@ import inspect
 import torch
 from torch import nn
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "HFAdapter", "is_hf_model"]
+from hbmplan.models.moe import RouterSpec
+
+__all__ = ["MOE_MODEL_TYPES", "SUPPORTED_MODEL_TYPES", "HFAdapter", "is_hf_model", "supported_text"]
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+MOE_MODEL_TYPES = frozenset({"mixtral", "qwen2_moe", "qwen3_moe"})
+"""Mixture-of-experts families: top-k softmax routers whose auxiliary loss is transformers'
+``load_balancing_loss_func`` over the router logits the base model records."""
+
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"}) | MOE_MODEL_TYPES
 """``config.model_type`` values whose attention reads K/V from the cache after RoPE, with no
 per-position logit transform; each is covered by an fp64 equivalence test."""
+
+
+def supported_text() -> str:
+    """The supported families, for error messages."""
+    dense = sorted(SUPPORTED_MODEL_TYPES - MOE_MODEL_TYPES)
+    return f"{dense} and mixture-of-experts {sorted(MOE_MODEL_TYPES)}"
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -50,7 +69,7 @@ class HFAdapter:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"unsupported Hugging Face model_type {model_type!r}: hbmplan supports "
-                f"{sorted(SUPPORTED_MODEL_TYPES)} and its own ReferenceDecoder"
+                f"{supported_text()}, and its own reference decoders"
             )
         from transformers import DynamicCache
 
@@ -65,21 +84,56 @@ class HFAdapter:
         self.vocab_size = int(self.config.vocab_size)
         self.max_positions = getattr(self.config, "max_position_embeddings", None)
         self.num_layers = int(self.config.num_hidden_layers)
+        self._moe = model_type in MOE_MODEL_TYPES
 
     @property
     def layers(self) -> nn.ModuleList:
         return self.base.layers
 
-    def _run(self, ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+    @property
+    def router(self) -> RouterSpec | None:
+        """The router loss the model's own forward would add, read from the live config (the
+        coefficient as the ``*ForCausalLM`` holds it); ``None`` for dense families or when off."""
+        cfg = self.config
+        if not self._moe or not getattr(cfg, "output_router_logits", False):
+            return None
+        coef = getattr(self.model, "router_aux_loss_coef", getattr(cfg, "router_aux_loss_coef", 0))
+        if float(coef) <= 0:
+            return None
+        experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+        return RouterSpec(
+            num_experts=int(getattr(self.model, "num_experts", experts)),
+            top_k=int(getattr(self.model, "num_experts_per_tok", cfg.num_experts_per_tok)),
+            aux_coef=float(coef),
+            load_balancing="all-layers",
+            softmax_dtype="logits",
+        )
+
+    def _run(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache,
+        router_logits: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         kwargs = {self._cache_kw: cache, "use_cache": cache is not None}
+        if router_logits is not None:
+            kwargs["output_router_logits"] = True
         out = self.base(input_ids=ids, position_ids=positions, **kwargs)
+        if router_logits is not None:
+            router_logits.extend(out.router_logits)
         return out.last_hidden_state
 
-    def prompt_kv(self, ids: torch.Tensor, positions: torch.Tensor) -> list[KV]:
+    def prompt_kv(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        router_logits: list[torch.Tensor] | None = None,
+    ) -> list[KV]:
         # No config: plain full-attention layers that keep every prompt position (a sliding-window
         # layer type would crop the cache; the mask builder still applies the window).
         cache = self._dynamic_cache()
-        self._run(ids, positions, cache)
+        self._run(ids, positions, cache, router_logits)
         kvs = [(layer.keys, layer.values) for layer in cache.layers]
         if len(kvs) != self.num_layers:
             raise ValueError(
@@ -88,16 +142,25 @@ class HFAdapter:
         return kvs
 
     def response_hidden(
-        self, ids: torch.Tensor, positions: torch.Tensor, prefix_kv: list[KV]
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        prefix_kv: list[KV],
+        router_logits: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         B = ids.shape[0]
         cache = self._dynamic_cache()
         for i, (k, v) in enumerate(prefix_kv):
             cache.update(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1), i)
-        return self._run(ids, positions, cache)
+        return self._run(ids, positions, cache, router_logits)
 
-    def full_hidden(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self._run(ids, positions, None)
+    def full_hidden(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        router_logits: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        return self._run(ids, positions, None, router_logits)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden)

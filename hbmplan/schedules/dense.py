@@ -1,6 +1,7 @@
 """The baseline a standard trainer runs: every trajectory ``[prompt; response]`` is its own row,
 the prompt recomputed G times. Log-probs on response positions only; same loss contract as the
-reuse schedule, so the two are directly comparable."""
+reuse schedule, so the two are directly comparable. A MoE model's router loss is added per
+trajectory (or for the global batch) as :mod:`hbmplan.schedules.router` defines it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from hbmplan.group import Group, validate_groups
-from hbmplan.models.adapter import CausalLMAdapter, adapt, model_device
+from hbmplan.models.adapter import CausalLMAdapter, adapt, model_device, router_spec
 from hbmplan.planner.capture import SavedTensorCapture
 from hbmplan.schedules.microbatch import (
     LossFn,
@@ -22,6 +23,13 @@ from hbmplan.schedules.microbatch import (
     response_logprobs,
 )
 from hbmplan.schedules.reuse import check_tokens_per_microbatch
+from hbmplan.schedules.router import (
+    RouterLoss,
+    RouterLossMode,
+    count_dense,
+    resolve_router_loss,
+    routing_sums,
+)
 from hbmplan.schedules.stats import PhaseClock, StepStats
 
 __all__ = ["dense_step"]
@@ -34,6 +42,7 @@ def dense_step(
     tokens_per_microbatch: int | None = None,
     *,
     check_finite: bool = False,
+    router_loss: RouterLossMode = "per-trajectory",
 ) -> StepStats:
     """One step of the dense trainer; gradients accumulate into ``.grad``.
 
@@ -41,16 +50,28 @@ def dense_step(
     ``tokens_per_microbatch`` rows of a group are packed while rows x longest row stays within
     the budget, otherwise each row is its own microbatch. The log-prob of ``r_i[t]`` is read at
     row index ``P - 1 + t``.
+
+    For a MoE model whose router loss is on, ``router_loss="per-trajectory"`` adds each
+    trajectory's ``coef * aux`` computed over its own tokens (padding excluded: the loss of the
+    trajectory as its own forward), "global-batch" one loss over all tokens of the step (after a
+    counting pass over the same microbatches), "off" nothing.
     """
     adapter = adapt(model)
     check_tokens_per_microbatch(tokens_per_microbatch)
+    spec = resolve_router_loss(router_loss, router_spec(adapter))
     validate_groups(groups, adapter.vocab_size, adapter.max_positions, model_device(adapter))
     device = groups[0].prompt.device
     stats = StepStats("dense", groups=len(groups), trajectories=sum(g.group_size for g in groups))
     clock = PhaseClock(stats, device)
     exclude = [*adapter.model.parameters(), *adapter.model.buffers()]
     total = torch.zeros((), device=device)
+    router = RouterLoss(spec, router_loss) if spec is not None else None
+    logits: list[torch.Tensor] = []
+    routed = {} if router is None else {"router_logits": logits}
     try:
+        if router is not None and router.mode == "global-batch":
+            with clock.phase("count"):
+                router.set_global(*count_dense(adapter, spec, groups, tokens_per_microbatch))
         with clock.phase("dense"):
             for group in groups:
                 P = group.prompt_len
@@ -66,20 +87,26 @@ def dense_step(
                     )
                     try:
                         with capture.phase("dense") if capture else contextlib.nullcontext():
-                            hidden = adapter.full_hidden(ids, pos)
+                            hidden = adapter.full_hidden(ids, pos, **routed)
                             logprobs = response_logprobs(
                                 adapter, hidden, [P - 1] * len(indices), targets
                             )
                             loss = microbatch_loss(loss_fn, logprobs, group, indices, check_finite)
+                            if router is not None:
+                                lens = [lengths[i] for i in indices]
+                                loss = loss + router(routing_sums(spec, logits, lens))
                         if capture is not None:
                             clock.sample("dense", capture.peak_nbytes)
                         loss.backward()
                     finally:
+                        logits.clear()
                         if capture is not None:
                             capture.release()
                     total = total + loss.detach().to(total.dtype)
                     stats.microbatches += 1
         stats.loss = total
+        if router is not None:
+            stats.router = router.report()
         return clock.finish()
     except BaseException as exc:
         traceback.clear_frames(exc.__traceback__)

@@ -8,6 +8,8 @@ C hands the totals to the prompt's autograd graph in one backward.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 __all__ = ["GradientCache"]
@@ -75,9 +77,10 @@ class GradientCache:
         """Bytes of the gradient buffers (all layers)."""
         return sum(gk.nbytes + gv.nbytes for gk, gv in self.grads)
 
-    def backward(self) -> None:
-        """Phase C: one backward through the prompt graph from the accumulated gK/gV."""
-        tensors, grads = [], []
+    def backward(self, extra: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> None:
+        """Phase C: one backward through the prompt graph from the accumulated gK/gV, together
+        with ``extra`` (tensor, gradient) pairs of the same graph (a MoE prompt's routing sums)."""
+        tensors, grads = [t for t, _ in extra], [g for _, g in extra]
         for (k, v), (gk, gv) in zip(self.prompt_kv, self.grads, strict=True):
             tensors += [k, v]
             grads += [gk.to(k.dtype), gv.to(v.dtype)]

@@ -13,6 +13,11 @@ For a group with prompt ``p`` (length P) and responses ``r_i`` (lengths S_i):
 
 In real arithmetic this equals the dense trainer's gradients: the prompt's forward does not
 depend on the responses, and gradients are linear.
+
+For a mixture-of-experts model with a router loss, phase A also computes the prompt's routing
+sums once; phase B adds each trajectory's router loss from prompt + row sums, and phase C
+back-propagates the prompt sums' accumulated gradient with gK/gV (see
+:mod:`hbmplan.schedules.router`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 from torch import nn
 
 from hbmplan.group import Group, validate_groups
-from hbmplan.models.adapter import CausalLMAdapter, adapt, model_device
+from hbmplan.models.adapter import CausalLMAdapter, adapt, model_device, router_spec
 from hbmplan.planner.capture import SavedTensorCapture
 from hbmplan.schedules.grad_cache import GradientCache
 from hbmplan.schedules.microbatch import (
@@ -36,6 +41,15 @@ from hbmplan.schedules.microbatch import (
     response_logprobs,
 )
 from hbmplan.schedules.offload import PromptOffloader, held_bytes
+from hbmplan.schedules.router import (
+    PrefixRouterLeaves,
+    RouterLoss,
+    RouterLossMode,
+    count_reuse,
+    resolve_router_loss,
+    routing_sums,
+    with_prefix,
+)
 from hbmplan.schedules.stats import PhaseClock, StepStats
 
 __all__ = ["check_tokens_per_microbatch", "reuse_step"]
@@ -87,6 +101,7 @@ def _reuse_group(
     check_finite: bool,
     track_bytes: bool,
     offloader: PromptOffloader | None,
+    router: RouterLoss | None = None,
 ) -> torch.Tensor:
     P = group.prompt_len
     device = group.prompt.device
@@ -94,6 +109,9 @@ def _reuse_group(
     capture_prompt = track_bytes or offloader is not None
     prompt_capture = SavedTensorCapture(exclude, adapter.layers) if capture_prompt else None
     cache: GradientCache | None = None
+    leaves: PrefixRouterLeaves | None = None
+    logits: list[torch.Tensor] | None = [] if router is not None else None
+    routed = {} if logits is None else {"router_logits": logits}
     mb_capture: SavedTensorCapture | None = None
     batches = pack_rows(group.response_lens, tokens_per_microbatch)
     shapes = [(len(b), max(group.response_lens[i] for i in b)) for b in batches]
@@ -108,9 +126,15 @@ def _reuse_group(
         ):
             positions = torch.arange(P - 1, device=device)[None]
             cache = GradientCache(
-                adapter.prompt_kv(group.prompt[None, :-1], positions), grad_cache_dtype
+                adapter.prompt_kv(group.prompt[None, :-1], positions, **routed), grad_cache_dtype
             )
-        kv_flat = [t for kv in cache.prompt_kv for t in kv]
+            if router is not None:  # the prompt's routing sums, once
+                leaves = PrefixRouterLeaves(
+                    routing_sums(router.spec, logits, [P - 1]), grad_cache_dtype
+                )
+                logits.clear()
+        # what phase B reads: the K/V, and a MoE prompt's routing sums
+        kv_flat = [t for kv in cache.prompt_kv for t in kv] + (leaves.tensors if leaves else [])
         if prompt_capture is not None:  # phase A's peak: before any offload after it
             kv_extra = held_bytes(prompt_capture, kv_flat) - prompt_capture.nbytes
             clock.sample("A", prompt_capture.peak_nbytes + kv_extra)
@@ -133,9 +157,13 @@ def _reuse_group(
                 if track_bytes:
                     mb_capture = SavedTensorCapture(exclude, adapter.layers)
                 with mb_capture.phase("B") if mb_capture else contextlib.nullcontext():
-                    hidden = adapter.response_hidden(ids, pos, cache.views())
+                    hidden = adapter.response_hidden(ids, pos, cache.views(), **routed)
                     logprobs = response_logprobs(adapter, hidden, [0] * len(indices), targets)
                     loss = microbatch_loss(loss_fn, logprobs, group, indices, check_finite)
+                    if router is not None:  # each trajectory: prompt sums + its row's
+                        rows = routing_sums(router.spec, logits, [t.numel() for t in targets])
+                        loss = loss + router(with_prefix(leaves.views(), rows))
+                        logits.clear()
                 if mb_capture is not None:
                     clock.sample("B", held_prompt + cache.nbytes + mb_capture.peak_nbytes)
                 loss.backward()
@@ -152,7 +180,7 @@ def _reuse_group(
             clock.sample("C", held_prompt + cache.nbytes)
             if offloader is not None:
                 offloader.start_reload()
-            cache.backward()
+            cache.backward(leaves.backward_pairs() if leaves is not None else ())
             if offloader is not None:
                 offloader.end_group()
         return total
@@ -163,6 +191,10 @@ def _reuse_group(
     finally:
         if cache is not None:
             cache.release()
+        if leaves is not None:
+            leaves.release()
+        if logits is not None:
+            logits.clear()
         for capture in (prompt_capture, mb_capture):
             if capture is not None:
                 capture.release()
@@ -177,6 +209,7 @@ def reuse_step(
     grad_cache_dtype: torch.dtype | None = None,
     check_finite: bool = False,
     offloader: PromptOffloader | None = None,
+    router_loss: RouterLossMode = "per-trajectory",
 ) -> StepStats:
     """One training step with the reuse schedule; gradients accumulate into ``.grad``.
 
@@ -190,17 +223,26 @@ def reuse_step(
         check_finite: raise ``FloatingPointError`` on a non-finite loss (one host sync per
             response).
         offloader: carries out offload plans (``hbmplan.memory`` passes its own).
+        router_loss: for a MoE model whose router loss is on, add to the loss, with the dense
+            trainer's gradients, "per-trajectory" each trajectory's ``coef * aux`` as its own
+            forward would compute it, or "global-batch" one loss over the step's tokens (after
+            a counting pass); "off" adds nothing. See :mod:`hbmplan.schedules.router`.
 
     This function alone is not atomic: use :func:`hbmplan.memory` for a step that restores
     ``.grad`` on failure. Its own buffers are released on any exit.
     """
     adapter = adapt(model)
     check_tokens_per_microbatch(tokens_per_microbatch)
+    spec = resolve_router_loss(router_loss, router_spec(adapter))
     validate_groups(groups, adapter.vocab_size, adapter.max_positions, model_device(adapter))
     device = groups[0].prompt.device
     stats = StepStats("reuse", groups=len(groups), trajectories=sum(g.group_size for g in groups))
     clock = PhaseClock(stats, device)
+    router = RouterLoss(spec, router_loss) if spec is not None else None
     try:
+        if router is not None and router.mode == "global-batch":
+            with clock.phase("count"):
+                router.set_global(*count_reuse(adapter, spec, groups, tokens_per_microbatch))
         total = None
         for group in groups:
             loss = _reuse_group(
@@ -214,9 +256,12 @@ def reuse_step(
                 check_finite,
                 track_bytes=device.type != "cuda",
                 offloader=offloader if offloader is not None and offloader.active else None,
+                router=router,
             )
             total = loss if total is None else total + loss
         stats.loss = total
+        if router is not None:
+            stats.router = router.report()
         if offloader is not None and offloader.active:
             stats.offload = offloader.report()
         return clock.finish()

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["PhaseClock", "PhaseStats", "StepStats", "nvtx_range"]
+__all__ = ["PhaseClock", "PhaseStats", "RouterStepStats", "StepStats", "nvtx_range"]
 
 
 @contextmanager
@@ -42,6 +42,24 @@ class PhaseStats:
 
 
 @dataclass
+class RouterStepStats:
+    """The router loss of one step of a MoE model, as the dense trainer sees it (all detached)."""
+
+    mode: Literal["per-trajectory", "global-batch"]
+    """How the loss was computed (see :mod:`hbmplan.schedules.router`)."""
+    loss: torch.Tensor
+    """What the router loss added to the back-propagated loss: ``aux_coef * aux + z_coef * z``
+    summed over trajectories (per-trajectory) or once for the step (global-batch)."""
+    aux_loss: torch.Tensor
+    """The load-balancing loss without its coefficient (summed over trajectories)."""
+    z_loss: torch.Tensor | None
+    """The router z-loss without its coefficient; ``None`` when no z-loss is trained."""
+    expert_tokens: torch.Tensor
+    """int64 [L, E]: (token, slot) pairs routed to each expert of each router layer, as the dense
+    trainer counts them: every trajectory's prompt and response tokens (prompt counts x G)."""
+
+
+@dataclass
 class StepStats:
     """What one ``step`` did."""
 
@@ -62,7 +80,10 @@ class StepStats:
     grad_cache_bytes: int = 0
     """Largest gradient cache (gK/gV) of a group."""
     loss: torch.Tensor | None = None
-    """Sum of the loss over all trajectories, detached (no host sync is made to read it)."""
+    """Sum of the back-propagated loss over all trajectories, detached (no host sync is made to
+    read it): the user's loss plus, for a MoE model, the router loss in ``router``."""
+    router: RouterStepStats | None = None
+    """The router loss and per-expert token counts (MoE models with a router loss on)."""
     offload: Any = None
     """:class:`hbmplan.schedules.offload.OffloadReport` when the step planned offload."""
 
