@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hbmplan.kernels.reference import prefix_attention_ref
-from hbmplan.models.reference import RMSNorm, rope, rope_tables
+from hbmplan.models.reference import RMSNorm, SelfAttention, init_weights, rope_tables
 
 __all__ = ["MoEConfig", "MoEDecoder", "RouterSpec"]
 
@@ -198,31 +197,18 @@ class MoELayer(nn.Module):
 
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
-        h, D = cfg.hidden_size, cfg.dim
-        self.cfg = cfg
-        self.attn_norm = RMSNorm(h, cfg.rms_eps)
-        self.q_proj = nn.Linear(h, cfg.num_heads * D, bias=False)
-        self.k_proj = nn.Linear(h, cfg.num_kv_heads * D, bias=False)
-        self.v_proj = nn.Linear(h, cfg.num_kv_heads * D, bias=False)
-        self.o_proj = nn.Linear(cfg.num_heads * D, h, bias=False)
-        self.mlp_norm = RMSNorm(h, cfg.rms_eps)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.attn = SelfAttention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.moe = MoEBlock(cfg)
 
     def forward(
         self, x: torch.Tensor, rope_cs: tuple[torch.Tensor, torch.Tensor], prefix_kv: KV | None
     ) -> tuple[torch.Tensor, KV, torch.Tensor]:
-        B, T, _ = x.shape
-        cfg, D = self.cfg, self.cfg.dim
-        a = self.attn_norm(x)
-        q = self.q_proj(a).view(B, T, cfg.num_heads, D).transpose(1, 2)
-        k = self.k_proj(a).view(B, T, cfg.num_kv_heads, D).transpose(1, 2)
-        v = self.v_proj(a).view(B, T, cfg.num_kv_heads, D).transpose(1, 2)
-        q, k = rope(q, *rope_cs), rope(k, *rope_cs)
-        kp, vp = prefix_kv if prefix_kv is not None else (None, None)
-        o = prefix_attention_ref(q, kp, vp, k, v)
-        x = x + self.o_proj(o.transpose(1, 2).reshape(B, T, cfg.num_heads * D))
+        o, kv = self.attn(self.attn_norm(x), rope_cs, prefix_kv)
+        x = x + o
         y, logits = self.moe(self.mlp_norm(x))
-        return x + y, (k, v), logits
+        return x + y, kv, logits
 
 
 class MoEDecoder(nn.Module):
@@ -249,16 +235,9 @@ class MoEDecoder(nn.Module):
         """(token, expert) pairs the experts computed, all layers, since construction."""
         return sum(layer.moe.dispatched for layer in self.layers)
 
-    @torch.no_grad()
     def reset_parameters(self, std: float = 0.02) -> None:
         """Normal(0, std) weights, RMSNorm scales at one, residual projections scaled by 1/sqrt(2L)."""
-        for name, p in self.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-            elif name.endswith(("o_proj.weight", "w_down")):
-                p.normal_(0.0, std / (2 * self.cfg.num_layers) ** 0.5)
-            else:
-                p.normal_(0.0, std)
+        init_weights(self, self.cfg.num_layers, ("o_proj.weight", "w_down"), std)
 
     def forward(
         self,

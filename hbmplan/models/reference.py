@@ -99,16 +99,39 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
-class DecoderLayer(nn.Module):
+class SelfAttention(nn.Module):
+    """Grouped-query self-attention with RoPE, optionally over a shared prefix K/V."""
+
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         h, D = cfg.hidden_size, cfg.dim
-        self.cfg = cfg
-        self.attn_norm = RMSNorm(h, cfg.rms_eps)
+        self.heads, self.kv_heads, self.dim = cfg.num_heads, cfg.num_kv_heads, D
         self.q_proj = nn.Linear(h, cfg.num_heads * D, bias=False)
         self.k_proj = nn.Linear(h, cfg.num_kv_heads * D, bias=False)
         self.v_proj = nn.Linear(h, cfg.num_kv_heads * D, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * D, h, bias=False)
+
+    def forward(
+        self, a: torch.Tensor, rope_cs: tuple[torch.Tensor, torch.Tensor], prefix_kv: KV | None
+    ) -> tuple[torch.Tensor, KV]:
+        """a: normed input [B, T, h]. Returns (output [B, T, h], post-RoPE (k, v) [B, Hkv, T, D])."""
+        B, T, _ = a.shape
+        D = self.dim
+        q = self.q_proj(a).view(B, T, self.heads, D).transpose(1, 2)
+        k = self.k_proj(a).view(B, T, self.kv_heads, D).transpose(1, 2)
+        v = self.v_proj(a).view(B, T, self.kv_heads, D).transpose(1, 2)
+        q, k = rope(q, *rope_cs), rope(k, *rope_cs)
+        kp, vp = prefix_kv if prefix_kv is not None else (None, None)
+        o = prefix_attention_ref(q, kp, vp, k, v)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.heads * D)), (k, v)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        h = cfg.hidden_size
+        self.attn_norm = RMSNorm(h, cfg.rms_eps)
+        self.attn = SelfAttention(cfg)
         self.mlp_norm = RMSNorm(h, cfg.rms_eps)
         self.gate_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
@@ -117,19 +140,24 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, rope_cs: tuple[torch.Tensor, torch.Tensor], prefix_kv: KV | None
     ) -> tuple[torch.Tensor, KV]:
-        B, T, _ = x.shape
-        cfg, D = self.cfg, self.cfg.dim
-        a = self.attn_norm(x)
-        q = self.q_proj(a).view(B, T, cfg.num_heads, D).transpose(1, 2)
-        k = self.k_proj(a).view(B, T, cfg.num_kv_heads, D).transpose(1, 2)
-        v = self.v_proj(a).view(B, T, cfg.num_kv_heads, D).transpose(1, 2)
-        q, k = rope(q, *rope_cs), rope(k, *rope_cs)
-        kp, vp = prefix_kv if prefix_kv is not None else (None, None)
-        o = prefix_attention_ref(q, kp, vp, k, v)
-        x = x + self.o_proj(o.transpose(1, 2).reshape(B, T, cfg.num_heads * D))
+        o, kv = self.attn(self.attn_norm(x), rope_cs, prefix_kv)
+        x = x + o
         m = self.mlp_norm(x)
         x = x + self.down_proj(F.silu(self.gate_proj(m)) * self.up_proj(m))
-        return x, (k, v)
+        return x, kv
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, num_layers: int, residual: tuple[str, ...], std: float) -> None:
+    """Normal(0, std) weights, RMSNorm scales at one, the residual-stream projections named by
+    ``residual`` (name suffixes) scaled by 1/sqrt(2L)."""
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.fill_(1.0)
+        elif name.endswith(residual):
+            p.normal_(0.0, std / (2 * num_layers) ** 0.5)
+        else:
+            p.normal_(0.0, std)
 
 
 class ReferenceDecoder(nn.Module):
@@ -149,16 +177,9 @@ class ReferenceDecoder(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.reset_parameters()
 
-    @torch.no_grad()
     def reset_parameters(self, std: float = 0.02) -> None:
         """Normal(0, std) weights, RMSNorm scales at one, residual projections scaled by 1/sqrt(2L)."""
-        for name, p in self.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                p.normal_(0.0, std / (2 * self.cfg.num_layers) ** 0.5)
-            else:
-                p.normal_(0.0, std)
+        init_weights(self, self.cfg.num_layers, ("o_proj.weight", "down_proj.weight"), std)
 
     def forward(
         self,
