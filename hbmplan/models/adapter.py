@@ -69,7 +69,7 @@ class CausalLMAdapter(Protocol):
 class ReferenceAdapter:
     """Adapter for :class:`hbmplan.models.ReferenceDecoder`."""
 
-    def __init__(self, model: ReferenceDecoder) -> None:
+    def __init__(self, model: ReferenceDecoder | MoEDecoder) -> None:
         self.model = model
         self.vocab_size = model.cfg.vocab_size
         self.max_positions = model.cfg.max_positions
@@ -97,18 +97,9 @@ class ReferenceAdapter:
         return self.model.lm_head(hidden)
 
 
-class MoEAdapter:
-    """Adapter for :class:`hbmplan.models.MoEDecoder`."""
-
-    def __init__(self, model: MoEDecoder) -> None:
-        self.model = model
-        self.vocab_size = model.cfg.vocab_size
-        self.max_positions = model.cfg.max_positions
-        self.num_layers = model.cfg.num_layers
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.layers
+class MoEAdapter(ReferenceAdapter):
+    """Adapter for :class:`hbmplan.models.MoEDecoder`: the reference adapter, plus the router
+    logits of each forward appended to ``router_logits`` when a list is given."""
 
     @property
     def router(self) -> RouterSpec | None:
@@ -147,9 +138,6 @@ class MoEAdapter:
     ) -> torch.Tensor:
         return self._run(ids, positions, None, router_logits)[0]
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(hidden)
-
 
 def router_spec(adapter: CausalLMAdapter) -> RouterSpec | None:
     """The router loss ``adapter``'s model trains with; ``None`` for dense models or when off."""
@@ -164,7 +152,7 @@ def adapt(model: nn.Module | CausalLMAdapter) -> CausalLMAdapter:
         TypeError: ``model`` is not an ``nn.Module`` or adapter.
         ValueError: the model family is not supported (the message lists what is).
     """
-    if isinstance(model, (ReferenceAdapter, MoEAdapter)) or (
+    if isinstance(model, ReferenceAdapter) or (
         not isinstance(model, nn.Module) and isinstance(model, CausalLMAdapter)
     ):
         return model
