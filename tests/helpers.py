@@ -79,3 +79,13 @@ def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
         scale = max(b[n].abs().max().item(), 1e-6 * top, 1e-300)
         worst = max(worst, (a[n].double() - b[n].double()).abs().max().item() / scale)
     return worst
+
+
+def assert_tolerance_rule(x, dense, ref, dtype=torch.bfloat16) -> None:
+    """Per parameter: |x - ref| <= 2 |dense - ref| + atol, atol the ``dtype`` rounding of ``ref``
+    itself (a result cannot be closer than its own storage). DESIGN.md's tolerance rule."""
+    for name, r in ref.items():
+        err = (x[name].double() - r).abs().max().item()
+        err_dense = (dense[name].double() - r).abs().max().item()
+        atol = (r.to(dtype).double() - r).abs().max().item()
+        assert err <= 2 * err_dense + atol, (name, err, err_dense, atol)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 __all__ = [
+    "accumulate_into",
     "check_varlen_inputs",
     "prefix_attention_ref",
     "prefix_attention_varlen_ref",
@@ -103,8 +104,8 @@ def prefix_attention_varlen_ref(
     # it reads cu_seqlens on the host anyway, so its values are checked wherever it lives
     check_varlen_inputs(q, k_prefix, v_prefix, k, v, cu_seqlens, grad_cache, check_values=True)
     if grad_cache is not None:
-        k_prefix = _AccumulateInto.apply(k_prefix, grad_cache[0])
-        v_prefix = _AccumulateInto.apply(v_prefix, grad_cache[1])
+        k_prefix = accumulate_into(k_prefix, grad_cache[0])
+        v_prefix = accumulate_into(v_prefix, grad_cache[1])
     kp = k_prefix.transpose(0, 1).unsqueeze(0)  # [1, Hkv, Pp, D]
     vp = v_prefix.transpose(0, 1).unsqueeze(0)
     outs = []
@@ -127,6 +128,12 @@ class _AccumulateInto(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         ctx.buffer.add_(grad)
         return None, None
+
+
+def accumulate_into(x: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """``x`` unchanged, whose gradient is added into ``buffer`` (same shape, any float dtype, e.g.
+    an fp32 gradient cache) in place instead of reaching ``x.grad``. ``x`` must require grad."""
+    return _AccumulateInto.apply(x, buffer)
 
 
 def check_varlen_inputs(

@@ -15,7 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hbmplan.models.reference import RMSNorm, SelfAttention, init_weights, rope_tables
+from hbmplan.models.reference import (
+    RMSNorm,
+    SelfAttention,
+    check_decoder_shape,
+    init_weights,
+    rope_tables,
+)
 
 __all__ = ["MoEConfig", "MoEDecoder", "RouterSpec"]
 
@@ -110,22 +116,7 @@ class MoEConfig:
     """RMSNorm epsilon."""
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                     "expert_intermediate_size"):  # fmt: skip
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_heads % self.num_kv_heads != 0:
-            raise ValueError(
-                f"num_heads must be a multiple of num_kv_heads, got {self.num_heads} and "
-                f"{self.num_kv_heads}"
-            )
-        if self.head_dim is None and self.hidden_size % self.num_heads != 0:
-            raise ValueError(
-                f"hidden_size must be divisible by num_heads when head_dim is unset, got "
-                f"{self.hidden_size} and {self.num_heads}"
-            )
-        if self.dim % 2 != 0:
-            raise ValueError(f"head_dim must be even for RoPE, got {self.dim}")
+        check_decoder_shape(self, ("expert_intermediate_size",))
         self.router_spec()  # validates the expert counts, coefficients and formula
 
     @property

@@ -19,6 +19,26 @@ __all__ = ["DecoderConfig", "ReferenceDecoder"]
 KV = tuple[torch.Tensor, torch.Tensor]
 
 
+def check_decoder_shape(cfg, extra_positive: tuple[str, ...] = ()) -> None:
+    """The shape rules every hbmplan decoder config obeys; ``ValueError`` naming the field."""
+    names = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads")
+    for name in names + extra_positive:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.num_heads % cfg.num_kv_heads != 0:
+        raise ValueError(
+            f"num_heads must be a multiple of num_kv_heads, got {cfg.num_heads} and "
+            f"{cfg.num_kv_heads}"
+        )
+    if cfg.head_dim is None and cfg.hidden_size % cfg.num_heads != 0:
+        raise ValueError(
+            f"hidden_size must be divisible by num_heads when head_dim is unset, got "
+            f"{cfg.hidden_size} and {cfg.num_heads}"
+        )
+    if cfg.dim % 2 != 0:
+        raise ValueError(f"head_dim must be even for RoPE, got {cfg.dim}")
+
+
 @dataclass(frozen=True)
 class DecoderConfig:
     """Shape of a :class:`ReferenceDecoder`."""
@@ -45,21 +65,7 @@ class DecoderConfig:
     """RMSNorm epsilon."""
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_heads % self.num_kv_heads != 0:
-            raise ValueError(
-                f"num_heads must be a multiple of num_kv_heads, got {self.num_heads} and "
-                f"{self.num_kv_heads}"
-            )
-        if self.head_dim is None and self.hidden_size % self.num_heads != 0:
-            raise ValueError(
-                f"hidden_size must be divisible by num_heads when head_dim is unset, got "
-                f"{self.hidden_size} and {self.num_heads}"
-            )
-        if self.dim % 2 != 0:
-            raise ValueError(f"head_dim must be even for RoPE, got {self.dim}")
+        check_decoder_shape(self, ("intermediate_size",))
 
     @property
     def dim(self) -> int:

@@ -12,23 +12,11 @@ from collections.abc import Sequence
 
 import torch
 
+from hbmplan.kernels.reference import accumulate_into
+
 __all__ = ["GradientCache"]
 
 KV = tuple[torch.Tensor, torch.Tensor]
-
-
-class _AccumulateInto(torch.autograd.Function):
-    """Identity in forward; backward adds the incoming gradient into ``buffer`` in place."""
-
-    @staticmethod
-    def forward(ctx, leaf: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
-        ctx.buffer = buffer
-        return leaf.view_as(leaf)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        ctx.buffer.add_(grad)
-        return None, None
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -63,7 +51,7 @@ class GradientCache:
     def views(self) -> list[KV]:
         """Per layer (k, v) for one microbatch; their gradients accumulate into the cache."""
         return [
-            (_AccumulateInto.apply(k, gk), _AccumulateInto.apply(v, gv))
+            (accumulate_into(k, gk), accumulate_into(v, gv))
             for (k, v), (gk, gv) in zip(self.leaves, self.grads, strict=True)
         ]
 

@@ -36,8 +36,9 @@ from typing import Literal
 import torch
 
 from hbmplan.group import Group
+from hbmplan.kernels.reference import accumulate_into
 from hbmplan.models.moe import RouterSpec, router_probs
-from hbmplan.schedules.grad_cache import _AccumulateInto, accumulation_dtype
+from hbmplan.schedules.grad_cache import accumulation_dtype
 from hbmplan.schedules.microbatch import pack_rows, padded_rows
 from hbmplan.schedules.stats import RouterStepStats
 
@@ -242,7 +243,7 @@ class PrefixRouterLeaves:
     def views(self) -> RoutingSums:
         """The prompt's sums for one microbatch; their gradients accumulate into the buffers."""
         assert self.prompt is not None, "the leaves were released"
-        views = [_AccumulateInto.apply(t, g) for t, g in zip(self.leaves, self.grads, strict=True)]
+        views = [accumulate_into(t, g) for t, g in zip(self.leaves, self.grads, strict=True)]
         return RoutingSums(
             counts=self.prompt.counts,
             prob_sums=views[0],

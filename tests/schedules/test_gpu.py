@@ -7,7 +7,7 @@ import torch
 
 import hbmplan
 from hbmplan.schedules import dense_step
-from tests.helpers import grads_of, pg_loss, random_group, tiny_reference
+from tests.helpers import assert_tolerance_rule, grads_of, pg_loss, random_group, tiny_reference
 
 pytestmark = pytest.mark.gpu
 DEVICE = "cuda"
@@ -36,11 +36,7 @@ def test_bf16_reuse_within_tolerance_rule_on_cuda():
             mem.step(groups, pg_loss)
 
     reuse16 = grads_of(m16, reuse)
-    for name, r in ref.items():
-        err = (reuse16[name].double() - r).abs().max().item()
-        err_dense = (dense16[name].double() - r).abs().max().item()
-        atol = (r.to(torch.bfloat16).double() - r).abs().max().item()
-        assert err <= 2 * err_dense + atol, name
+    assert_tolerance_rule(reuse16, dense16, ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
