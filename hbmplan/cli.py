@@ -52,6 +52,8 @@ def _parser() -> _Parser:
     f.add_argument("--grad-cache-dtype", default=None, help="gK/gV dtype (default fp32)")
     f.add_argument("--fused-gqa", action="store_true",
                    help="CUDA memory-efficient SDPA takes GQA with a mask")  # fmt: skip
+    f.add_argument("--attention", default="auto", choices=("auto", "triton", "padded"),
+                   help="reuse phase-B attention (auto: the Triton kernel where it applies)")  # fmt: skip
     f.add_argument("--json", action="store_true", help="print JSON instead of the table")
     f.add_argument("--plot", metavar="PNG", help="also plot max prompt against group size")
     return parser
@@ -93,7 +95,7 @@ def _frontier(args: argparse.Namespace) -> int:
         dtype=args.dtype, optimizer=args.optimizer, shards=Shards(fsdp=args.fsdp, tp=args.tp),
         fragmentation=args.margin, rows_per_microbatch=args.rows,
         master_weights=args.master_weights, grad_cache_dtype=args.grad_cache_dtype,
-        fused_gqa=args.fused_gqa,
+        fused_gqa=args.fused_gqa, attention=args.attention,
     )  # fmt: skip
     model = args.preset if args.preset is not None else args.config
     result = frontier(model, group_size=args.group, **kwargs)

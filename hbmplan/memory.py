@@ -18,6 +18,7 @@ from hbmplan.atomic import GradStash
 from hbmplan.group import Group
 from hbmplan.models.adapter import CausalLMAdapter, adapt, model_device, router_spec
 from hbmplan.planner.plan import Rates
+from hbmplan.schedules.attention import ATTENTIONS, Attention
 from hbmplan.schedules.microbatch import LossFn
 from hbmplan.schedules.offload import OffloadMode, PromptOffloader
 from hbmplan.schedules.reuse import check_tokens_per_microbatch, reuse_step
@@ -77,6 +78,8 @@ class Report:
             f"prompt K/V {s.prompt_kv_bytes / mib:.1f} MiB, gradient cache "
             f"{s.grad_cache_bytes / mib:.1f} MiB, peaks from {s.memory_source}"
         )
+        if s.attention:
+            lines.append(f"phase B attention: {s.attention}")
         off = s.offload
         if off is not None and off.engine is not None:
             e = off.engine
@@ -123,7 +126,13 @@ class MemoryContext:
         grad_cache_dtype: torch.dtype | None,
         rates: Rates | None = None,
         router_loss: RouterLossMode = "per-trajectory",
+        attention: Attention = "auto",
+        deterministic: bool = False,
     ) -> None:
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        if not isinstance(deterministic, bool):
+            raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
         if offload not in ("auto", "off", "all"):
             raise ValueError(f"offload must be 'auto', 'off' or 'all', got {offload!r}")
         check_tokens_per_microbatch(tokens_per_microbatch)
@@ -143,6 +152,8 @@ class MemoryContext:
         self.atomic = atomic
         self.check_finite = check_finite
         self.grad_cache_dtype = grad_cache_dtype
+        self.attention = attention
+        self.deterministic = deterministic
         self._offloader = PromptOffloader(
             model_device(self.adapter), self.hbm_budget, offload, rates
         )
@@ -201,6 +212,8 @@ class MemoryContext:
                 check_finite=self.check_finite,
                 offloader=self._offloader,
                 router_loss=self.router_loss,
+                attention=self.attention,
+                deterministic=self.deterministic,
             )
         except BaseException:
             if stash is not None:
@@ -230,6 +243,8 @@ def memory(
     grad_cache_dtype: torch.dtype | None = None,
     rates: Rates | None = None,
     router_loss: RouterLossMode = "per-trajectory",
+    attention: Attention = "auto",
+    deterministic: bool = False,
 ) -> MemoryContext:
     """Wrap ``model`` for reuse-schedule training.
 
@@ -256,6 +271,11 @@ def memory(
             weighted G; costs a forward-only counting pass), "off" nothing. Prompt tokens go
             through the experts once per step; ``report()`` shows per-expert token counts. See
             :mod:`hbmplan.schedules.router`.
+        attention: how response microbatches attend to the prompt K/V: "auto" (the Triton
+            prefix-attention kernel over packed rows on CUDA when the model allows, else padded
+            rows), "triton", "reference" (packed rows, PyTorch) or "padded". See
+            :mod:`hbmplan.schedules.attention`.
+        deterministic: bitwise-reproducible Triton backward (no atomics in the prompt dK/dV).
     """
     return MemoryContext(
         model,
@@ -267,4 +287,6 @@ def memory(
         grad_cache_dtype,
         rates,
         router_loss,
+        attention,
+        deterministic,
     )

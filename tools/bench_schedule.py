@@ -44,7 +44,10 @@ def main() -> None:
     ap.add_argument("--dense-tokens", type=int, default=None,
                     help="dense packing budget (default: one trajectory per microbatch)")  # fmt: skip
     ap.add_argument("--reuse-tokens", type=int, default=4096,
-                    help="reuse response packing budget (rows x longest row)")  # fmt: skip
+                    help="reuse response packing budget (packed: total tokens; padded: rows x "
+                         "longest row)")  # fmt: skip
+    ap.add_argument("--attention", default="auto", choices=("auto", "triton", "reference", "padded"),
+                    help="reuse phase-B attention (auto: the Triton kernel on CUDA)")  # fmt: skip
     args = ap.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -57,7 +60,9 @@ def main() -> None:
     for P0, S0, G in GRID:
         P, S = P0 // scale, S0 // scale
         group = make_group(P, S, G, cfg.vocab_size, device)
-        mem = hbmplan.memory(model, tokens_per_microbatch=args.reuse_tokens // scale)
+        mem = hbmplan.memory(
+            model, tokens_per_microbatch=args.reuse_tokens // scale, attention=args.attention
+        )
 
         def dense(group=group):
             dense_step(model, [group], loss_fn, args.dense_tokens)
@@ -73,14 +78,15 @@ def main() -> None:
         ideal = flop_ideal_speedup(shape, P, [S] * G)
         speedup = t_d / t_r
         gib = lambda b: f"{b / 2**30:.2f}" if b is not None else "-"  # noqa: E731
-        row = dict(P=P, S=S, G=G, dense_ms=t_d * 1e3, reuse_ms=t_r * 1e3, dense_peak_bytes=peak_d,
+        attention = mem.report().last.attention
+        row = dict(P=P, S=S, G=G, attention=attention, dense_ms=t_d * 1e3, reuse_ms=t_r * 1e3, dense_peak_bytes=peak_d,
                    reuse_peak_bytes=peak_r, speedup=speedup, flop_ideal=ideal,
                    pct_of_ideal=100 * speedup / ideal)  # fmt: skip
         rows.append(row)
-        table.append([P, S, G, f"{t_d * 1e3:.1f}", f"{t_r * 1e3:.1f}", gib(peak_d), gib(peak_r),
+        table.append([P, S, G, attention, f"{t_d * 1e3:.1f}", f"{t_r * 1e3:.1f}", gib(peak_d), gib(peak_r),
                       f"{speedup:.2f}x", f"{ideal:.2f}x", f"{row['pct_of_ideal']:.0f}%"])  # fmt: skip
         print(f"P={P} S={S} G={G}: {speedup:.2f}x of {ideal:.2f}x", flush=True)
-    header = ["P", "S", "G", "dense ms", "reuse ms", "dense peak GiB", "reuse peak GiB",
+    header = ["P", "S", "G", "attention", "dense ms", "reuse ms", "dense peak GiB", "reuse peak GiB",
               "speedup", "FLOP-ideal", "% of ideal"]  # fmt: skip
     md = markdown_table(header, table)
     command = "python " + " ".join(sys.argv)

@@ -36,6 +36,8 @@ def parse_args() -> argparse.Namespace:
         p.add_argument(f"--{key.replace('_', '-')}", type=None if key == "dtype" else int)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tokens-per-microbatch", type=int, default=None)
+    p.add_argument("--attention", default="auto", choices=("auto", "triton", "reference", "padded"),
+                   help="phase-B attention (auto: the Triton kernel on CUDA)")  # fmt: skip
     args = p.parse_args()
     defaults = DEFAULTS["cuda" if args.device.startswith("cuda") else "cpu"]
     for key, value in defaults.items():
@@ -68,7 +70,7 @@ def main() -> None:
     def dense():
         dense_stats[:] = [dense_step(model, [group], loss_fn, tpm)]
 
-    mem = hbmplan.memory(model, tokens_per_microbatch=tpm)
+    mem = hbmplan.memory(model, tokens_per_microbatch=tpm, attention=args.attention)
 
     def reuse():
         with mem:

@@ -21,7 +21,7 @@ try:
 except ImportError:  # the reference serves every call
     triton = None
 
-__all__ = ["prefix_attention"]
+__all__ = ["prefix_attention", "triton_unsupported"]
 
 Impl = Literal["auto", "triton", "reference"]
 _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -95,25 +95,44 @@ def prefix_attention(
     )
 
 
-def _triton_unsupported(q: torch.Tensor, grad_cache) -> tuple[type[Exception], str] | None:
-    """Why the Triton path cannot take this call (error type and message), or ``None``."""
+def triton_unsupported(
+    device: torch.device | str,
+    dtype: torch.dtype,
+    head_dim: int,
+    cache_dtype: torch.dtype | None = None,
+) -> tuple[type[Exception], str] | None:
+    """Why the Triton kernel cannot take a call with these properties (the error type to raise and
+    a message naming the rule and the value), or ``None`` when it can.
+
+    Args:
+        device: where q lives.
+        dtype: the dtype of q and the K/V.
+        head_dim: D.
+        cache_dtype: the gradient cache's dtype, ``None`` without a cache.
+    """
     backend = launch.detect()
     if not backend.triton or triton is None:
         return RuntimeError, "the triton package is not installed"
-    if q.shape[-1] not in launch.SUPPORTED_HEAD_DIMS:
-        dims = launch.SUPPORTED_HEAD_DIMS
-        return ValueError, f"head dim must be one of {dims}, got {q.shape[-1]}"
-    if q.dtype not in _TRITON_DTYPES:
-        return ValueError, f"dtype must be bf16, fp16 or fp32, got {q.dtype}"
-    if grad_cache is not None and any(g.dtype != torch.float32 for g in grad_cache):
-        dtypes = f"{grad_cache[0].dtype} and {grad_cache[1].dtype}"
-        return ValueError, f"grad_cache must be float32 for Triton, got {dtypes}"
-    if not q.is_cuda and not backend.interpret:
+    if head_dim not in launch.SUPPORTED_HEAD_DIMS:
+        return ValueError, f"head dim must be one of {launch.SUPPORTED_HEAD_DIMS}, got {head_dim}"
+    if dtype not in _TRITON_DTYPES:
+        return ValueError, f"dtype must be bf16, fp16 or fp32, got {dtype}"
+    if cache_dtype is not None and cache_dtype != torch.float32:
+        return ValueError, f"grad_cache must be float32 for Triton, got {cache_dtype}"
+    if torch.device(device).type != "cuda" and not backend.interpret:
         return RuntimeError, (
-            f"tensors are on {q.device}; Triton runs CPU tensors only in its interpreter: set "
+            f"tensors are on {device}; Triton runs CPU tensors only in its interpreter: set "
             "TRITON_INTERPRET=1 before torch/Triton is first imported"
         )
     return None
+
+
+def _triton_unsupported(q: torch.Tensor, grad_cache) -> tuple[type[Exception], str] | None:
+    cache_dtype = None
+    if grad_cache is not None:
+        gk, gv = grad_cache
+        cache_dtype = gk.dtype if gk.dtype != torch.float32 else gv.dtype
+    return triton_unsupported(q.device, q.dtype, q.shape[-1], cache_dtype)
 
 
 # ---------------------------------------------------------------------------------------------

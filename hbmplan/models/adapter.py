@@ -4,6 +4,12 @@ A schedule never calls a model directly: it asks an adapter for the prompt's per
 A), for hidden states of response rows that attend to K/V leaves (phase B), for hidden states of
 whole trajectories (the dense baseline), and for LM-head logits on chosen positions.
 
+Packed rows: an adapter that can run phase B as one row of packed responses has
+``packed_unsupported(context_len) -> str | None`` (``None`` when it can, else why not) and takes a
+:class:`hbmplan.models.packed.PackedPrefix` as ``response_hidden``'s ``prefix_kv``: ids/positions
+are then [1, T] and attention reads the prompt K/V in place through
+:func:`hbmplan.kernels.prefix_attention`. Adapters without it run padded rows.
+
 A mixture-of-experts adapter also has ``router`` (the :class:`RouterSpec` of the router loss the
 model trains with, ``None`` when it is off) and its three forward methods take a keyword
 ``router_logits``: a list the forward appends each router layer's logits to.
@@ -17,6 +23,7 @@ import torch
 from torch import nn
 
 from hbmplan.models.moe import MoEDecoder, RouterSpec
+from hbmplan.models.packed import PackedPrefix
 from hbmplan.models.reference import ReferenceDecoder
 
 __all__ = [
@@ -26,6 +33,8 @@ __all__ = [
     "ReferenceAdapter",
     "adapt",
     "model_device",
+    "model_dtype",
+    "packed_unsupported",
     "router_spec",
 ]
 
@@ -54,7 +63,8 @@ class CausalLMAdapter(Protocol):
         self, ids: torch.Tensor, positions: torch.Tensor, prefix_kv: list[KV]
     ) -> torch.Tensor:
         """Hidden states [B, T, h] of right-padded rows ids/positions [B, T] that attend to the
-        shared ``prefix_kv`` ([1, Hkv, P', D] per layer) and to their own earlier tokens."""
+        shared ``prefix_kv`` ([1, Hkv, P', D] per layer) and to their own earlier tokens (or, for
+        an adapter that packs, of one packed row [1, T] given a ``PackedPrefix``)."""
         ...
 
     def full_hidden(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -74,6 +84,7 @@ class ReferenceAdapter:
         self.vocab_size = model.cfg.vocab_size
         self.max_positions = model.cfg.max_positions
         self.num_layers = model.cfg.num_layers
+        self.head_dim = model.cfg.dim
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -84,10 +95,14 @@ class ReferenceAdapter:
         return kvs
 
     def response_hidden(
-        self, ids: torch.Tensor, positions: torch.Tensor, prefix_kv: list[KV]
+        self, ids: torch.Tensor, positions: torch.Tensor, prefix_kv: list[KV] | PackedPrefix
     ) -> torch.Tensor:
         hidden, _ = self.model(ids, positions, prefix_kv=prefix_kv)
         return hidden
+
+    def packed_unsupported(self, context_len: int) -> str | None:
+        """The reference decoders attend over any context in packed rows."""
+        return None
 
     def full_hidden(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden, _ = self.model(ids, positions)
@@ -125,7 +140,7 @@ class MoEAdapter(ReferenceAdapter):
         self,
         ids: torch.Tensor,
         positions: torch.Tensor,
-        prefix_kv: list[KV],
+        prefix_kv: list[KV] | PackedPrefix,
         router_logits: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         return self._run(ids, positions, prefix_kv, router_logits)[0]
@@ -137,6 +152,15 @@ class MoEAdapter(ReferenceAdapter):
         router_logits: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         return self._run(ids, positions, None, router_logits)[0]
+
+
+def packed_unsupported(adapter: CausalLMAdapter, context_len: int) -> str | None:
+    """Why ``adapter`` cannot run packed rows over a context of ``context_len`` tokens (prompt plus
+    the longest response), or ``None`` when it can."""
+    check = getattr(adapter, "packed_unsupported", None)
+    if check is None:
+        return f"{type(adapter).__name__} has no packed-row path (packed_unsupported)"
+    return check(context_len)
 
 
 def router_spec(adapter: CausalLMAdapter) -> RouterSpec | None:
@@ -179,3 +203,11 @@ def model_device(adapter: CausalLMAdapter) -> torch.device:
     for p in adapter.model.parameters():
         return p.device
     raise ValueError(f"{type(adapter.model).__name__} has no parameters")
+
+
+def model_dtype(adapter: CausalLMAdapter) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (its K/V dtype)."""
+    for p in adapter.model.parameters():
+        if p.dtype.is_floating_point:
+            return p.dtype
+    raise ValueError(f"{type(adapter.model).__name__} has no floating-point parameters")

@@ -5,6 +5,13 @@ holds the post-RoPE K/V that attention consumed, inside the autograd graph. Phas
 cache per microbatch whose layers start from the K/V leaves; the model's own mask builder then
 aligns response queries bottom-right against ``[prefix ; own]`` keys.
 
+Packed rows: given a :class:`hbmplan.models.packed.PackedPrefix`, phase B runs one row of packed
+responses without a cache. For that forward the model's attention implementation is switched to
+``"hbmplan_prefix"``, registered in transformers' ``AttentionInterface`` (and absent from its mask
+interface, so no mask is built): each layer's attention calls
+:func:`hbmplan.kernels.prefix_attention` over the prompt K/V in place, with no per-row copy and no
+GQA repeat. Layers with a sliding window shorter than the context cannot take this path.
+
 Works with the ``past_key_values=`` keyword (transformers 5.x up to its rename) and ``cache=``
 (newer releases): the keyword is looked up once from the base model's signature.
 
@@ -18,14 +25,23 @@ records (``output_router_logits=True``), and :class:`RouterSpec` states that for
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
 from torch import nn
 
 from hbmplan.models.moe import RouterSpec
+from hbmplan.models.packed import PackedPrefix
 
-__all__ = ["MOE_MODEL_TYPES", "SUPPORTED_MODEL_TYPES", "HFAdapter", "is_hf_model", "supported_text"]
+__all__ = [
+    "ATTENTION_NAME",
+    "MOE_MODEL_TYPES",
+    "SUPPORTED_MODEL_TYPES",
+    "HFAdapter",
+    "is_hf_model",
+    "supported_text",
+]
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -61,6 +77,57 @@ def _cache_keyword(base: nn.Module) -> str:
     )
 
 
+ATTENTION_NAME = "hbmplan_prefix"
+"""The name hbmplan's packed prefix attention is registered under in ``AttentionInterface``."""
+
+
+def packed_prefix_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    hbmplan_prefix: PackedPrefix | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """An ``AttentionInterface`` function: the packed row's attention over the prompt K/V.
+
+    Args:
+        query: [1, Hq, T, D]; key, value: [1, Hkv, T, D] (the packed row's own, post-RoPE).
+        hbmplan_prefix: the microbatch's prompt K/V and gradient cache (a forward keyword).
+
+    Returns:
+        ([1, T, Hq, D], None), as transformers' attention functions do.
+    """
+    if hbmplan_prefix is None:
+        raise RuntimeError(
+            f"attention implementation {ATTENTION_NAME!r} runs only inside hbmplan's reuse "
+            "schedule, which passes hbmplan_prefix"
+        )
+    if attention_mask is not None:
+        raise ValueError(f"{ATTENTION_NAME!r} builds its own causal structure; got a mask")
+    if dropout:
+        raise ValueError(f"attention dropout must be 0 for packed rows, got {dropout}")
+    context = hbmplan_prefix.prefix_len + hbmplan_prefix.max_seqlen
+    if sliding_window is not None and sliding_window < context:
+        raise ValueError(
+            f"sliding window {sliding_window} is shorter than the context {context}: packed "
+            "rows attend to the whole prompt"
+        )
+    rows = [x[0].transpose(0, 1) for x in (query, key, value)]  # [T, H, D] views
+    out = hbmplan_prefix.layer(module.layer_idx).attend(*rows, scale=scaling)
+    return out[None], None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, packed_prefix_attention)
+
+
 class HFAdapter:
     """Adapter for Hugging Face ``*ForCausalLM`` models of the supported families."""
 
@@ -84,6 +151,10 @@ class HFAdapter:
         self.vocab_size = int(self.config.vocab_size)
         self.max_positions = getattr(self.config, "max_position_embeddings", None)
         self.num_layers = int(self.config.num_hidden_layers)
+        self.head_dim = int(
+            getattr(self.config, "head_dim", None)
+            or self.config.hidden_size // self.config.num_attention_heads
+        )
         self._moe = model_type in MOE_MODEL_TYPES
 
     @property
@@ -109,17 +180,53 @@ class HFAdapter:
             softmax_dtype="logits",
         )
 
+    def sliding_window(self) -> int | None:
+        """The shortest sliding window any layer applies, ``None`` when all attend fully."""
+        default = getattr(self.config, "sliding_window", None)
+        windows = [getattr(layer.self_attn, "sliding_window", default) for layer in self.layers]
+        windows = [w for w in windows if w is not None]
+        return min(windows) if windows else None
+
+    def packed_unsupported(self, context_len: int) -> str | None:
+        """Packed rows attend to the whole prompt: refused when a layer's sliding window is
+        shorter than ``context_len`` (prompt plus the longest response row)."""
+        window = self.sliding_window()
+        if window is not None and window < context_len:
+            return (
+                f"{self.config.model_type} has a sliding window of {window} tokens, shorter than "
+                f"the context {context_len}"
+            )
+        return None
+
+    @contextlib.contextmanager
+    def _packed_attention(self):
+        config = self.base.config
+        previous = config._attn_implementation
+        _register_attention()
+        config._attn_implementation = ATTENTION_NAME
+        try:
+            yield
+        finally:
+            config._attn_implementation = previous
+
     def _run(
         self,
         ids: torch.Tensor,
         positions: torch.Tensor,
         cache,
         router_logits: list[torch.Tensor] | None = None,
+        packed: PackedPrefix | None = None,
     ) -> torch.Tensor:
         kwargs = {self._cache_kw: cache, "use_cache": cache is not None}
         if router_logits is not None:
             kwargs["output_router_logits"] = True
-        out = self.base(input_ids=ids, position_ids=positions, **kwargs)
+        if packed is not None:
+            with self._packed_attention():
+                out = self.base(
+                    input_ids=ids, position_ids=positions, hbmplan_prefix=packed, **kwargs
+                )
+        else:
+            out = self.base(input_ids=ids, position_ids=positions, **kwargs)
         if router_logits is not None:
             router_logits.extend(out.router_logits)
         return out.last_hidden_state
@@ -145,9 +252,16 @@ class HFAdapter:
         self,
         ids: torch.Tensor,
         positions: torch.Tensor,
-        prefix_kv: list[KV],
+        prefix_kv: list[KV] | PackedPrefix,
         router_logits: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        if isinstance(prefix_kv, PackedPrefix):
+            if prefix_kv.num_layers != self.num_layers:
+                raise ValueError(
+                    f"prefix_kv must hold one (k, v) per layer ({self.num_layers}), got "
+                    f"{prefix_kv.num_layers}"
+                )
+            return self._run(ids, positions, None, router_logits, packed=prefix_kv)
         B = ids.shape[0]
         cache = self._dynamic_cache()
         for i, (k, v) in enumerate(prefix_kv):

@@ -15,11 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hbmplan.models.packed import PackedLayer, PackedPrefix
 from hbmplan.models.reference import (
     RMSNorm,
     SelfAttention,
     check_decoder_shape,
     init_weights,
+    layer_prefixes,
     rope_tables,
 )
 
@@ -194,9 +196,12 @@ class MoELayer(nn.Module):
         self.moe = MoEBlock(cfg)
 
     def forward(
-        self, x: torch.Tensor, rope_cs: tuple[torch.Tensor, torch.Tensor], prefix_kv: KV | None
+        self,
+        x: torch.Tensor,
+        rope_cs: tuple[torch.Tensor, torch.Tensor],
+        prefix: KV | PackedLayer | None,
     ) -> tuple[torch.Tensor, KV, torch.Tensor]:
-        o, kv = self.attn(self.attn_norm(x), rope_cs, prefix_kv)
+        o, kv = self.attn(self.attn_norm(x), rope_cs, prefix)
         x = x + o
         y, logits = self.moe(self.mlp_norm(x))
         return x + y, kv, logits
@@ -234,20 +239,17 @@ class MoEDecoder(nn.Module):
         self,
         ids: torch.Tensor,
         positions: torch.Tensor,
-        prefix_kv: list[KV] | None = None,
+        prefix_kv: list[KV] | PackedPrefix | None = None,
     ) -> tuple[torch.Tensor, list[KV], list[torch.Tensor]]:
         """ids, positions: [B, T] int64. Returns (hidden [B, T, h], per-layer K/V, per-layer
         router logits [B, T, E])."""
-        if prefix_kv is not None and len(prefix_kv) != len(self.layers):
-            raise ValueError(
-                f"prefix_kv must hold one (k, v) per layer ({len(self.layers)}), got {len(prefix_kv)}"
-            )
+        prefixes = layer_prefixes(prefix_kv, len(self.layers))
         x = self.embed(ids)
         rope_cs = rope_tables(positions, self.cfg.dim, self.cfg.rope_theta, x.dtype)
         kvs: list[KV] = []
         logits: list[torch.Tensor] = []
-        for i, layer in enumerate(self.layers):
-            x, kv, lg = layer(x, rope_cs, prefix_kv[i] if prefix_kv is not None else None)
+        for layer, prefix in zip(self.layers, prefixes, strict=True):
+            x, kv, lg = layer(x, rope_cs, prefix)
             kvs.append(kv)
             logits.append(lg)
         return self.norm(x), kvs, logits

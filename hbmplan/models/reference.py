@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hbmplan.kernels.reference import prefix_attention_ref, rms_norm_ref
+from hbmplan.models.packed import PackedLayer, PackedPrefix
 
 __all__ = ["DecoderConfig", "ReferenceDecoder"]
 
@@ -118,18 +119,42 @@ class SelfAttention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * D, h, bias=False)
 
     def forward(
-        self, a: torch.Tensor, rope_cs: tuple[torch.Tensor, torch.Tensor], prefix_kv: KV | None
+        self,
+        a: torch.Tensor,
+        rope_cs: tuple[torch.Tensor, torch.Tensor],
+        prefix: KV | PackedLayer | None,
     ) -> tuple[torch.Tensor, KV]:
-        """a: normed input [B, T, h]. Returns (output [B, T, h], post-RoPE (k, v) [B, Hkv, T, D])."""
+        """a: normed input [B, T, h]. Returns (output [B, T, h], post-RoPE (k, v) [B, Hkv, T, D]).
+
+        ``prefix``: ``None`` (plain causal), a shared (k, v) [1 or B, Hkv, Pp, D] every row
+        attends to, or a :class:`PackedLayer` (B = 1 row of packed sequences, attention through
+        :func:`hbmplan.kernels.prefix_attention`)."""
+        if isinstance(prefix, PackedLayer):
+            return self._packed(a, rope_cs, prefix)
         B, T, _ = a.shape
         D = self.dim
         q = self.q_proj(a).view(B, T, self.heads, D).transpose(1, 2)
         k = self.k_proj(a).view(B, T, self.kv_heads, D).transpose(1, 2)
         v = self.v_proj(a).view(B, T, self.kv_heads, D).transpose(1, 2)
         q, k = rope(q, *rope_cs), rope(k, *rope_cs)
-        kp, vp = prefix_kv if prefix_kv is not None else (None, None)
+        kp, vp = prefix if prefix is not None else (None, None)
         o = prefix_attention_ref(q, kp, vp, k, v)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.heads * D)), (k, v)
+
+    def _packed(
+        self, a: torch.Tensor, rope_cs: tuple[torch.Tensor, torch.Tensor], prefix: PackedLayer
+    ) -> tuple[torch.Tensor, KV]:
+        B, T, _ = a.shape
+        if B != 1:
+            raise ValueError(f"packed sequences come as one row, got {B} rows")
+        D = self.dim
+        cos, sin = (t[0].transpose(0, 1) for t in rope_cs)  # [T, 1, D]
+        q = rope(self.q_proj(a).view(T, self.heads, D), cos, sin)
+        k = rope(self.k_proj(a).view(T, self.kv_heads, D), cos, sin)
+        v = self.v_proj(a).view(T, self.kv_heads, D)
+        o = prefix.attend(q, k, v)
+        kv = (k.transpose(0, 1)[None], v.transpose(0, 1)[None])
+        return self.o_proj(o.reshape(1, T, self.heads * D)), kv
 
 
 class DecoderLayer(nn.Module):
@@ -144,13 +169,31 @@ class DecoderLayer(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=False)
 
     def forward(
-        self, x: torch.Tensor, rope_cs: tuple[torch.Tensor, torch.Tensor], prefix_kv: KV | None
+        self,
+        x: torch.Tensor,
+        rope_cs: tuple[torch.Tensor, torch.Tensor],
+        prefix: KV | PackedLayer | None,
     ) -> tuple[torch.Tensor, KV]:
-        o, kv = self.attn(self.attn_norm(x), rope_cs, prefix_kv)
+        o, kv = self.attn(self.attn_norm(x), rope_cs, prefix)
         x = x + o
         m = self.mlp_norm(x)
         x = x + self.down_proj(F.silu(self.gate_proj(m)) * self.up_proj(m))
         return x, kv
+
+
+def layer_prefixes(
+    prefix_kv: list[KV] | PackedPrefix | None, num_layers: int
+) -> list[KV | PackedLayer | None]:
+    """Each layer's ``prefix`` argument from a decoder's ``prefix_kv``; ``ValueError`` unless it
+    covers exactly ``num_layers`` layers."""
+    if prefix_kv is None:
+        return [None] * num_layers
+    count = prefix_kv.num_layers if isinstance(prefix_kv, PackedPrefix) else len(prefix_kv)
+    if count != num_layers:
+        raise ValueError(f"prefix_kv must hold one (k, v) per layer ({num_layers}), got {count}")
+    if isinstance(prefix_kv, PackedPrefix):
+        return [prefix_kv.layer(i) for i in range(num_layers)]
+    return list(prefix_kv)
 
 
 @torch.no_grad()
@@ -171,7 +214,9 @@ class ReferenceDecoder(nn.Module):
 
     ``forward(ids, positions, prefix_kv=None)`` returns the final hidden states [B, T, h] and the
     per-layer K/V ``[(k, v)]``, each [B, Hkv, T, D] post-RoPE. With ``prefix_kv`` (one (k, v)
-    pair per layer, [1 or B, Hkv, Pp, D]) every row also attends to that shared prefix.
+    pair per layer, [1 or B, Hkv, Pp, D]) every row also attends to that shared prefix; with a
+    :class:`hbmplan.models.packed.PackedPrefix` the single row [1, T] holds packed sequences
+    that attend to its prompt K/V through :func:`hbmplan.kernels.prefix_attention`.
     """
 
     def __init__(self, cfg: DecoderConfig) -> None:
@@ -191,17 +236,14 @@ class ReferenceDecoder(nn.Module):
         self,
         ids: torch.Tensor,
         positions: torch.Tensor,
-        prefix_kv: list[KV] | None = None,
+        prefix_kv: list[KV] | PackedPrefix | None = None,
     ) -> tuple[torch.Tensor, list[KV]]:
         """ids, positions: [B, T] int64. Returns (hidden [B, T, h], per-layer K/V)."""
-        if prefix_kv is not None and len(prefix_kv) != len(self.layers):
-            raise ValueError(
-                f"prefix_kv must hold one (k, v) per layer ({len(self.layers)}), got {len(prefix_kv)}"
-            )
+        prefixes = layer_prefixes(prefix_kv, len(self.layers))
         x = self.embed(ids)
         rope_cs = rope_tables(positions, self.cfg.dim, self.cfg.rope_theta, x.dtype)
         kvs: list[KV] = []
-        for i, layer in enumerate(self.layers):
-            x, kv = layer(x, rope_cs, prefix_kv[i] if prefix_kv is not None else None)
+        for layer, prefix in zip(self.layers, prefixes, strict=True):
+            x, kv = layer(x, rope_cs, prefix)
             kvs.append(kv)
         return self.norm(x), kvs

@@ -17,8 +17,10 @@ from typing import Literal
 
 import torch
 
+from hbmplan.kernels.launch import SUPPORTED_HEAD_DIMS
 from hbmplan.planner.presets import ModelSpec
-from hbmplan.schedules.microbatch import pack_rows
+from hbmplan.schedules.attention import ATTENTIONS
+from hbmplan.schedules.microbatch import pack_rows, pack_tokens
 
 __all__ = [
     "SCHEDULES",
@@ -27,6 +29,7 @@ __all__ = [
     "Target",
     "cuda_masked_gqa_fused",
     "estimate_step",
+    "resolve_packed",
     "to_dtype",
 ]
 
@@ -106,6 +109,9 @@ class _Bytes:
     target: Target
     tp: int
     fused_gqa: bool = False
+    packed: bool = False
+    """Response rows attend to the prompt through hbmplan's prefix-attention kernel (packed
+    rows, prompt K/V read in place); prompt-free attention is unaffected."""
 
     @property
     def it(self) -> int:  # parameter/activation itemsize
@@ -159,6 +165,8 @@ class _Bytes:
 
     def _attention(self, rows: int, T: int, prefix: int) -> int:
         it, hq, hkv, D = self.it, self.hq, self.hkv, self.spec.head_dim
+        if self.packed and prefix > 0:  # q, out, own k/v, lse [Hq, T] fp32; no mask, no copy
+            return 2 * rows * T * hq * D * it + 2 * rows * T * hkv * D * it + rows * hq * T * 4
         S, masked = prefix + T, self.masked(T, prefix)  # keys each query row sees
         # Stored K/V heads: the reference concatenates [prefix; own] with Hkv heads; HF repeats
         # them to Hq heads whenever it passes a mask (a view, not a copy, when Hkv == 1).
@@ -244,7 +252,7 @@ class _Bytes:
         if s.moe_layers:
             F = max(F, s.experts_per_token * math.ceil(s.moe_intermediate_size / self.tp))
         attn = 0
-        if self.backend(T, prefix) == "math":
+        if self.backend(T, prefix) == "math" and not (self.packed and prefix > 0):
             attn = 2 * max(self.acc, self.it) * rows * self.hq * T * (prefix + T)
         return max(2 * n * F * self.it, attn)
 
@@ -263,13 +271,39 @@ def _total(p: PhaseBytes) -> int:
 
 
 def _shapes(
-    row_lens: Sequence[int], response_lens: Sequence[int], tokens_per_microbatch: int | None
+    row_lens: Sequence[int],
+    response_lens: Sequence[int],
+    tokens_per_microbatch: int | None,
+    packed: bool = False,
 ) -> set[tuple[int, int, int]]:
-    """Distinct (rows, padded length, response tokens) of the microbatches the schedules run."""
+    """Distinct (rows, padded length, response tokens) of the microbatches the schedules run;
+    for packed microbatches (sequences, total tokens, response tokens): one row of all tokens."""
+    if packed:
+        return {
+            (len(mb), sum(row_lens[i] for i in mb), sum(response_lens[i] for i in mb))
+            for mb in pack_tokens(row_lens, tokens_per_microbatch)
+        }
     return {
         (len(mb), max(row_lens[i] for i in mb), sum(response_lens[i] for i in mb))
         for mb in pack_rows(row_lens, tokens_per_microbatch)
     }
+
+
+def resolve_packed(attention: str, spec: ModelSpec, dtype: torch.dtype, target: Target) -> bool:
+    """Whether phase B runs packed rows through the Triton prefix-attention kernel, as
+    :func:`hbmplan.schedules.reuse_step`'s ``attention=`` resolves: "auto" on CUDA when the
+    kernel takes the head dim and dtype; "triton" always; "padded" never. The kernel's PyTorch
+    reference ("reference", a CPU and testing path) has no byte model."""
+    modelled = tuple(a for a in ATTENTIONS if a != "reference")
+    if attention not in modelled:
+        raise ValueError(f"attention must be one of {modelled} for an estimate, got {attention!r}")
+    if attention == "auto":
+        return (
+            target == "cuda"
+            and spec.head_dim in SUPPORTED_HEAD_DIMS
+            and dtype in (torch.bfloat16, torch.float16, torch.float32)
+        )
+    return attention == "triton"
 
 
 def _pass(b: _Bytes, rows: int, T: int, prefix: int, lm_tokens: int) -> tuple[int, int]:
@@ -299,6 +333,7 @@ def estimate_step(
     prefetch_layers: int = 2,
     fused_gqa: bool = False,
     offload_during_a: bool = True,
+    attention: str = "auto",
 ) -> dict[str, PhaseBytes]:
     """Predicted peak bytes per phase of one group's step, parameters excluded.
 
@@ -323,6 +358,10 @@ def estimate_step(
         fused_gqa: the CUDA memory-efficient SDPA kernel takes GQA with a mask or in fp32
             (pytorch#191085); ``False`` assumes torch's math fallback, which saves
             [B, Hq, T, S] probabilities (only fp32 GQA reaches it with the supported models).
+        attention: phase B's attention as ``reuse_step(attention=...)``; "auto" is the Triton
+            kernel over packed rows on CUDA when it takes the head dim and dtype, padded rows
+            otherwise (see :func:`resolve_packed`). Packed rows count ``tokens_per_microbatch``
+            as total tokens.
 
     Returns:
         ``{"A", "B", "C"}`` for the reuse schedules, ``{"dense"}`` for the dense ones.
@@ -339,7 +378,9 @@ def estimate_step(
         raise ValueError(f"target must be 'cpu' or 'cuda', got {target!r}")
     if tp < 1 or prefetch_layers < 1:
         raise ValueError(f"tp and prefetch_layers must be >= 1, got {tp} and {prefetch_layers}")
-    b, P, cuda = _Bytes(spec, dt, target, tp, fused_gqa), prompt_len, target == "cuda"
+    packed = schedule.startswith("reuse") and resolve_packed(attention, spec, dt, target)
+    b = _Bytes(spec, dt, target, tp, fused_gqa, packed)
+    P, cuda = prompt_len, target == "cuda"
 
     if schedule.startswith("dense"):
         best = PhaseBytes()
@@ -369,8 +410,12 @@ def estimate_step(
     graph = b.prompt_graph(P)
 
     mb_saved, mb_ws = 0, 0
-    for rows, T, N in _shapes(lens, lens, tokens_per_microbatch):
-        saved, ws = _pass(b, rows, T, Pm, N)
+    for rows, T, N in _shapes(lens, lens, tokens_per_microbatch, packed):
+        if packed:  # one row of T tokens, plus the int32 cu_seqlens the kernel keeps
+            saved, ws = _pass(b, 1, T, Pm, N)
+            saved += 4 * (rows + 1)
+        else:
+            saved, ws = _pass(b, rows, T, Pm, N)
         if saved + ws > mb_saved + mb_ws:
             mb_saved, mb_ws = saved, ws
     fwd_ws = b.forward_workspace(1, Pm) if cuda else 0

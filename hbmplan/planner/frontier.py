@@ -17,6 +17,7 @@ from hbmplan.planner.activations import (
     Target,
     cuda_masked_gqa_fused,
     estimate_step,
+    resolve_packed,
     to_dtype,
 )
 from hbmplan.planner.presets import ModelSpec, model_spec
@@ -305,6 +306,7 @@ def frontier(
     target: Target = "cuda",
     fused_gqa: bool = False,
     offload_during_a: bool = True,
+    attention: str = "auto",
     max_prompt_len: int = 1 << 22,
 ) -> FrontierResult:
     """ESTIMATE, per schedule, the longest prompt P whose training step fits in ``hbm``.
@@ -335,6 +337,9 @@ def frontier(
         target: "cuda" (CUDA kernels and transients) or "cpu" (held saved tensors only).
         fused_gqa: CUDA's memory-efficient SDPA takes GQA with a mask (see ``estimate_step``).
         offload_during_a: reuse+offload streams to the host during phase A (see ``estimate_step``).
+        attention: the reuse schedules' phase-B attention, as ``reuse_step(attention=...)``:
+            "auto" (the Triton prefix-attention kernel over packed rows on CUDA when it takes the
+            head dim and dtype), "triton", "reference" or "padded".
         max_prompt_len: upper end of the search.
     """
     from hbmplan.memory import parse_bytes
@@ -351,6 +356,7 @@ def frontier(
     _check_int("max_prompt_len", max_prompt_len, 2)
     if isinstance(schedules, str) or not schedules or any(x not in SCHEDULES for x in schedules):
         raise ValueError(f"schedules must be a non-empty list from {SCHEDULES}, got {schedules!r}")
+    resolve_packed(attention, spec, dt, target)  # checks the name before any search
     if not 0.0 <= fragmentation < 1.0:
         raise ValueError(f"fragmentation must lie in [0, 1), got {fragmentation!r}")
     if not isinstance(shards, Shards):
@@ -376,7 +382,7 @@ def frontier(
         return estimate_step(
             spec, P, [S] * G, schedule, dt, target=target, tokens_per_microbatch=rows * row_len,
             grad_cache_dtype=grad_cache_dtype, tp=shards.tp, prefetch_layers=prefetch_layers,
-            fused_gqa=fused_gqa, offload_during_a=offload_during_a,
+            fused_gqa=fused_gqa, offload_during_a=offload_during_a, attention=attention,
         )  # fmt: skip
 
     def peaks(ph: dict[str, PhaseBytes]) -> dict[str, int]:

@@ -1,6 +1,7 @@
 """The gradient cache: prompt K/V leaves for phase B and the gK/gV they accumulate.
 
-Every response microbatch reads the prompt's K/V through `GradientCache.views()`. Their backward
+Every response microbatch reads the prompt's K/V through `GradientCache.views()` (padded rows)
+or `GradientCache.packed()` (packed rows, through the prefix-attention kernel). Their backward
 adds the microbatch's dK/dV straight into one preallocated buffer per layer (fp32 for 16-bit
 models), so no leaf ``.grad`` in the model's precision is ever rounded between microbatches. Phase
 C hands the totals to the prompt's autograd graph in one backward.
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from hbmplan.kernels.reference import accumulate_into
+from hbmplan.models.packed import KernelImpl, PackedPrefix, as_rows
 
 __all__ = ["GradientCache"]
 
@@ -54,6 +56,30 @@ class GradientCache:
             (accumulate_into(k, gk), accumulate_into(v, gv))
             for (k, v), (gk, gv) in zip(self.leaves, self.grads, strict=True)
         ]
+
+    def packed(
+        self,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        impl: KernelImpl,
+        deterministic: bool = False,
+    ) -> PackedPrefix:
+        """The prompt K/V for one packed microbatch (rows bounded by ``cu_seqlens``): the leaves
+        as [P-1, Hkv, D] views, and the buffers as the kernel's ``grad_cache``, so its backward
+        adds dK/dV in place. No copy of either."""
+        return PackedPrefix(
+            kv=[(as_rows(k), as_rows(v)) for k, v in self.leaves],
+            grad_cache=[(as_rows(gk), as_rows(gv)) for gk, gv in self.grads],
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
+            impl=impl,
+            deterministic=deterministic,
+        )
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The buffers' dtype (``None`` once released)."""
+        return self.grads[0][0].dtype if self.grads else None
 
     @property
     def kv_bytes(self) -> int:

@@ -1,5 +1,5 @@
-"""Pieces both schedules share: packing rows into microbatches, padded row tensors, per-token
-log-probs of responses, and the call of the user's loss."""
+"""Pieces both schedules share: splitting rows into microbatches, padded and packed row tensors,
+per-token log-probs of responses, and the call of the user's loss."""
 
 from __future__ import annotations
 
@@ -10,7 +10,17 @@ import torch
 from hbmplan.group import Group
 from hbmplan.models.adapter import CausalLMAdapter
 
-__all__ = ["LossFn", "microbatch_loss", "pack_rows", "padded_rows", "response_logprobs"]
+__all__ = [
+    "LossFn",
+    "microbatch_loss",
+    "pack_rows",
+    "pack_tokens",
+    "packed_rows",
+    "padded_rows",
+    "response_logprobs",
+    "token_logprobs",
+    "unpack_rows",
+]
 
 LossFn = Callable[[torch.Tensor, Group, int], torch.Tensor]
 """``loss_fn(logprobs [S_i], group, i) -> scalar``; differentiable in ``logprobs``."""
@@ -34,6 +44,46 @@ def pack_rows(lengths: Sequence[int], tokens_per_microbatch: int | None) -> list
     if current:
         batches.append(current)
     return batches
+
+
+def pack_tokens(lengths: Sequence[int], tokens_per_microbatch: int | None) -> list[list[int]]:
+    """Split row indices, in order, into packed microbatches of at most ``tokens_per_microbatch``
+    tokens in total (no padding). ``None`` gives one row per microbatch; a row longer than the
+    budget runs alone."""
+    if tokens_per_microbatch is None:
+        return [[i] for i in range(len(lengths))]
+    batches: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for i, n in enumerate(lengths):
+        if current and used + n > tokens_per_microbatch:
+            batches.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += n
+    if current:
+        batches.append(current)
+    return batches
+
+
+def packed_rows(
+    seqs: Sequence[torch.Tensor], first_position: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D id tensors end to end: ids [1, T] and positions [1, T], each sequence's positions
+    starting at ``first_position`` (T is the sum of the lengths)."""
+    device = seqs[0].device
+    ids = torch.cat(list(seqs)).to(torch.long)
+    positions = torch.cat(
+        [torch.arange(first_position, first_position + s.numel(), device=device) for s in seqs]
+    )
+    return ids[None], positions[None]
+
+
+def unpack_rows(x: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    """Packed per-token values [1, T, E] or [T, E] as right-padded rows [B, max(lengths), E]
+    (zeros past each row's length); differentiable."""
+    flat = x.reshape(-1, x.shape[-1])
+    return torch.nn.utils.rnn.pad_sequence(list(flat.split(list(lengths))), batch_first=True)
 
 
 def padded_rows(
@@ -71,7 +121,23 @@ def response_logprobs(
     picked = torch.cat(
         [hidden[b, s : s + t.numel()] for b, (s, t) in enumerate(zip(starts, targets, strict=True))]
     )
-    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    return token_logprobs(adapter, picked, targets)
+
+
+def token_logprobs(
+    adapter: CausalLMAdapter, picked: torch.Tensor, targets: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Per-token log-probs of ``targets`` from the hidden states that predict them.
+
+    Args:
+        picked: [N, h], N the total target tokens: row after row, each state predicting the
+            next target (a packed microbatch's states are exactly this).
+        targets: row b's response token ids [S_b].
+
+    Returns:
+        One tensor [S_b] per row, float32 (float64 for a float64 model), differentiable.
+    """
+    dtype = torch.float64 if picked.dtype == torch.float64 else torch.float32
     logp = adapter.logits(picked).to(dtype).log_softmax(-1)
     tok = torch.cat(list(targets)).to(logp.device)
     token_logp = logp.gather(-1, tok[:, None]).squeeze(-1)

@@ -8,7 +8,8 @@ For a group with prompt ``p`` (length P) and responses ``r_i`` (lengths S_i):
 * B: each microbatch runs rows ``[p[-1]; r_i[:-1]]`` at positions ``P-1..P+S_i-2``, attending to
   the prompt K/V and to their own earlier tokens; the log-probs of ``r_i`` go to the user's loss
   and the microbatch runs backward. Parameter gradients accumulate as usual, gK/gV in the
-  gradient cache.
+  gradient cache. Rows are packed end to end for the prefix-attention kernel, or right-padded
+  for plain PyTorch attention (see :mod:`hbmplan.schedules.attention`).
 * C: one backward of the prompt graph from the gradient cache.
 
 In real arithmetic this equals the dense trainer's gradients: the prompt's forward does not
@@ -30,15 +31,27 @@ import torch
 from torch import nn
 
 from hbmplan.group import Group, validate_groups
-from hbmplan.models.adapter import CausalLMAdapter, adapt, model_device, router_spec
+from hbmplan.models.adapter import (
+    CausalLMAdapter,
+    adapt,
+    model_device,
+    model_dtype,
+    router_spec,
+)
+from hbmplan.models.packed import cu_seqlens_for
 from hbmplan.planner.capture import SavedTensorCapture
+from hbmplan.schedules.attention import Attention, PhaseBAttention, resolve_attention
 from hbmplan.schedules.grad_cache import GradientCache
 from hbmplan.schedules.microbatch import (
     LossFn,
     microbatch_loss,
     pack_rows,
+    pack_tokens,
+    packed_rows,
     padded_rows,
     response_logprobs,
+    token_logprobs,
+    unpack_rows,
 )
 from hbmplan.schedules.offload import PromptOffloader, held_bytes
 from hbmplan.schedules.router import (
@@ -68,6 +81,9 @@ def check_tokens_per_microbatch(tokens_per_microbatch: int | None) -> None:
         raise ValueError(f"tokens_per_microbatch must be >= 1, got {tokens_per_microbatch}")
 
 
+_PADDED = PhaseBAttention(None, "")
+
+
 def _model_storages(adapter: CausalLMAdapter) -> list[torch.Tensor]:
     model: nn.Module = adapter.model
     return [*model.parameters(), *model.buffers()]
@@ -79,14 +95,17 @@ def _b_working_estimate(
     batches: list[tuple[int, int]],
     kv_bytes: int,
     vocab: int,
+    kv_copies: bool,
 ) -> int:
     """Phase-B working set for the planner, before phase B has run: saved bytes per prompt
-    token times the largest microbatch's padded tokens, its rows' copies of the prompt K/V
-    (twice: the concatenation and its transient), and its fp32 logits."""
+    token times the largest microbatch's tokens (``batches``: (rows, tokens) each, padding
+    included), its rows' copies of the prompt K/V (twice: the concatenation and its transient;
+    none when the kernel reads them in place), and its fp32 logits."""
     per_token = capture.nbytes / max(prompt_tokens, 1)
+    copies = 2 if kv_copies else 0
     return max(
-        int(per_token * rows * T) + 2 * rows * kv_bytes + 8 * rows * T * vocab
-        for rows, T in batches
+        int(per_token * tokens) + copies * rows * kv_bytes + 8 * tokens * vocab
+        for rows, tokens in batches
     )
 
 
@@ -102,6 +121,8 @@ def _reuse_group(
     track_bytes: bool,
     offloader: PromptOffloader | None,
     router: RouterLoss | None = None,
+    attention: PhaseBAttention = _PADDED,
+    deterministic: bool = False,
 ) -> torch.Tensor:
     P = group.prompt_len
     device = group.prompt.device
@@ -113,9 +134,14 @@ def _reuse_group(
     logits: list[torch.Tensor] | None = [] if router is not None else None
     routed = {} if logits is None else {"router_logits": logits}
     mb_capture: SavedTensorCapture | None = None
-    batches = pack_rows(group.response_lens, tokens_per_microbatch)
-    shapes = [(len(b), max(group.response_lens[i] for i in b)) for b in batches]
-    shape_key = (P, tuple(shapes))
+    lens = group.response_lens
+    if attention.packed:  # (rows, tokens) per microbatch
+        batches = pack_tokens(lens, tokens_per_microbatch)
+        shapes = [(len(b), sum(lens[i] for i in b)) for b in batches]
+    else:
+        batches = pack_rows(lens, tokens_per_microbatch)
+        shapes = [(len(b), len(b) * max(lens[i] for i in b)) for b in batches]
+    shape_key = (P, attention.name, tuple(shapes))
     if offloader is not None:
         offloader.begin_group(prompt_capture, shape_key)
     try:
@@ -140,7 +166,12 @@ def _reuse_group(
             clock.sample("A", prompt_capture.peak_nbytes + kv_extra)
         if offloader is not None:
             b_work = _b_working_estimate(
-                prompt_capture, P - 1, shapes, cache.kv_bytes, adapter.vocab_size
+                prompt_capture,
+                P - 1,
+                shapes,
+                cache.kv_bytes,
+                adapter.vocab_size,
+                kv_copies=attention.impl != "triton",
             )
             offloader.after_phase_a(prompt_capture, kv_flat, shape_key, cache.nbytes, b_work)
         held_prompt = held_bytes(prompt_capture, kv_flat)
@@ -153,15 +184,26 @@ def _reuse_group(
         with clock.phase("B"):
             for indices in batches:
                 targets = [group.responses[i] for i in indices]
-                ids, pos = padded_rows([torch.cat([boundary, t[:-1]]) for t in targets], P - 1)
-                if track_bytes:
-                    mb_capture = SavedTensorCapture(exclude, adapter.layers)
+                seqs = [torch.cat([boundary, t[:-1]]) for t in targets]
+                lengths = [t.numel() for t in targets]
+                if track_bytes:  # the prompt K/V the kernel saves are counted in held_prompt
+                    mb_capture = SavedTensorCapture(exclude + kv_flat, adapter.layers)
                 with mb_capture.phase("B") if mb_capture else contextlib.nullcontext():
-                    hidden = adapter.response_hidden(ids, pos, cache.views(), **routed)
-                    logprobs = response_logprobs(adapter, hidden, [0] * len(indices), targets)
+                    if attention.packed:
+                        ids, pos = packed_rows(seqs, P - 1)
+                        cu = cu_seqlens_for(lengths, device)
+                        prefix = cache.packed(cu, max(lengths), attention.impl, deterministic)
+                        hidden = adapter.response_hidden(ids, pos, prefix, **routed)
+                        logprobs = token_logprobs(adapter, hidden[0], targets)
+                        if logits is not None:  # router logits as padded rows
+                            logits[:] = [unpack_rows(t, lengths) for t in logits]
+                    else:
+                        ids, pos = padded_rows(seqs, P - 1)
+                        hidden = adapter.response_hidden(ids, pos, cache.views(), **routed)
+                        logprobs = response_logprobs(adapter, hidden, [0] * len(indices), targets)
                     loss = microbatch_loss(loss_fn, logprobs, group, indices, check_finite)
                     if router is not None:  # each trajectory: prompt sums + its row's
-                        rows = routing_sums(router.spec, logits, [t.numel() for t in targets])
+                        rows = routing_sums(router.spec, logits, lengths)
                         loss = loss + router(with_prefix(leaves.views(), rows))
                         logits.clear()
                 if mb_capture is not None:
@@ -210,6 +252,8 @@ def reuse_step(
     check_finite: bool = False,
     offloader: PromptOffloader | None = None,
     router_loss: RouterLossMode = "per-trajectory",
+    attention: Attention = "auto",
+    deterministic: bool = False,
 ) -> StepStats:
     """One training step with the reuse schedule; gradients accumulate into ``.grad``.
 
@@ -217,8 +261,9 @@ def reuse_step(
         model: a supported causal LM (see :func:`hbmplan.models.adapt`) or an adapter.
         groups: groups to train; each runs phases A, B and C in turn.
         loss_fn: ``loss_fn(logprobs [S_i], group, i) -> scalar``, summed over responses.
-        tokens_per_microbatch: pack several responses of a group into one microbatch while
-            rows x longest row stays within this many tokens; ``None``: one response each.
+        tokens_per_microbatch: put several responses of a group into one microbatch while its
+            tokens stay within this many (packed rows: their total; padded rows: rows x longest
+            row); ``None``: one response each.
         grad_cache_dtype: dtype of the gK/gV accumulators; default fp32 for 16-bit models.
         check_finite: raise ``FloatingPointError`` on a non-finite loss (one host sync per
             response).
@@ -227,6 +272,13 @@ def reuse_step(
             trainer's gradients, "per-trajectory" each trajectory's ``coef * aux`` as its own
             forward would compute it, or "global-batch" one loss over the step's tokens (after
             a counting pass); "off" adds nothing. See :mod:`hbmplan.schedules.router`.
+        attention: how phase B attends to the prompt K/V: "triton" (packed rows through the
+            prefix-attention kernel, prompt K/V read in place), "reference" (packed rows through
+            its PyTorch reference), "padded" (right-padded rows, plain PyTorch), or "auto":
+            "triton" on CUDA when the kernel and model allow it, else "padded". See
+            :mod:`hbmplan.schedules.attention`.
+        deterministic: with the Triton kernel, add the prompt's dK/dV without atomics (bitwise
+            reproducible; see :func:`hbmplan.kernels.prefix_attention`).
 
     This function alone is not atomic: use :func:`hbmplan.memory` for a step that restores
     ``.grad`` on failure. Its own buffers are released on any exit.
@@ -235,8 +287,12 @@ def reuse_step(
     check_tokens_per_microbatch(tokens_per_microbatch)
     spec = resolve_router_loss(router_loss, router_spec(adapter))
     validate_groups(groups, adapter.vocab_size, adapter.max_positions, model_device(adapter))
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    phase_b = resolve_attention(attention, adapter, groups, model_dtype(adapter), grad_cache_dtype)
     device = groups[0].prompt.device
     stats = StepStats("reuse", groups=len(groups), trajectories=sum(g.group_size for g in groups))
+    stats.attention = phase_b.name
     clock = PhaseClock(stats, device)
     router = RouterLoss(spec, router_loss) if spec is not None else None
     try:
@@ -257,6 +313,8 @@ def reuse_step(
                 track_bytes=device.type != "cuda",
                 offloader=offloader if offloader is not None and offloader.active else None,
                 router=router,
+                attention=phase_b,
+                deterministic=deterministic,
             )
             total = loss if total is None else total + loss
         stats.loss = total

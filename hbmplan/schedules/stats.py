@@ -79,6 +79,8 @@ class StepStats:
     """Largest prompt K/V of a group (all layers, K and V)."""
     grad_cache_bytes: int = 0
     """Largest gradient cache (gK/gV) of a group."""
+    attention: str = ""
+    """Phase B's attention: "triton", "reference" (packed rows) or "padded"; "" for dense."""
     loss: torch.Tensor | None = None
     """Sum of the back-propagated loss over all trajectories, detached (no host sync is made to
     read it): the user's loss plus, for a MoE model, the router loss in ``router``."""

@@ -5,46 +5,11 @@ with ``torch.nn.attention``), so a whole-suite run needs tests/conftest.py to se
 
 import os
 
-import numpy as np
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-def _patch_interpreter_bf16() -> None:
-    """Give Triton 3.9's interpreter the GPU's bf16 arithmetic. It stores bf16 as uint16 and
-    (1) its tl.dot multiplies those raw integers, (2) its fp32 -> bf16 cast truncates instead of
-    rounding to nearest even. Without this the bf16 tests would measure the interpreter."""
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    builder = interpreter.InterpreterBuilder
-    if getattr(builder, "_hbmplan_bf16", False):
-        return
-
-    def as_fp32(handle):
-        if handle.dtype.scalar == tl.bfloat16:
-            return (handle.data.astype(np.uint32) << 16).view(np.float32)
-        return handle.data
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        if tl.bfloat16 not in (a.dtype.scalar, b.dtype.scalar):
-            return dot(self, a, b, d, input_precision, max_num_imprecise_acc)
-        out = np.matmul(as_fp32(a), as_fp32(b), dtype=d.data.dtype) + d.data
-        return interpreter.TensorHandle(out, d.dtype.scalar)
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            bits = src.data.astype(np.float32).view(np.uint32)
-            rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16
-            return interpreter.TensorHandle(rounded.astype(np.uint16), tl.bfloat16)
-        return cast(self, src, dst_type)
-
-    dot, cast = builder.create_dot, builder.cast_impl
-    builder.create_dot, builder.cast_impl = create_dot, cast_impl
-    builder._hbmplan_bf16 = True
 
 
 @pytest.fixture(scope="session")
@@ -57,8 +22,7 @@ def device() -> str:
         pytest.skip("the triton package is not installed")
     if backend.cuda and not backend.interpret:
         return "cuda"
-    if backend.interpret:
-        _patch_interpreter_bf16()
+    if backend.interpret:  # tests/conftest.py gives the interpreter the GPU's bf16 arithmetic
         return "cpu"
     pytest.fail(
         "Triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run on this "

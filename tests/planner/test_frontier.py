@@ -33,7 +33,7 @@ def _loss(lp, group, i):
     return -lp.sum()
 
 
-def _measured(model, P, lens, tpm, seed=0):
+def _measured(model, P, lens, tpm, seed=0, attention="auto"):
     """Per-phase CPU peaks (bytes of held tensors) of one reuse and one dense step."""
     g = torch.Generator().manual_seed(seed)
     V = model.config.vocab_size if hasattr(model, "config") else model.cfg.vocab_size
@@ -41,20 +41,22 @@ def _measured(model, P, lens, tpm, seed=0):
         prompt=torch.randint(0, V, (P,), generator=g),
         responses=[torch.randint(0, V, (s,), generator=g) for s in lens],
     )
-    out = {k: v.peak_bytes for k, v in reuse_step(model, [group], _loss, tpm).phases.items()}
+    stats = reuse_step(model, [group], _loss, tpm, attention=attention)
+    out = {k: v.peak_bytes for k, v in stats.phases.items()}
     out["dense"] = dense_step(model, [group], _loss, tpm).phases["dense"].peak_bytes
     for p in model.parameters():
         p.grad = None
     return out
 
 
-def _predicted(spec, P, lens, tpm, dtype):
+def _predicted(spec, P, lens, tpm, dtype, attention="auto"):
     out = {
         k: v.total
         for k, v in estimate_step(
-            spec, P, lens, "reuse", dtype, target="cpu", tokens_per_microbatch=tpm
+            spec, P, lens, "reuse", dtype, target="cpu", tokens_per_microbatch=tpm,
+            attention=attention,
         ).items()
-    }
+    }  # fmt: skip
     est = estimate_step(spec, P, lens, "dense", dtype, target="cpu", tokens_per_microbatch=tpm)
     return out | {"dense": est["dense"].total}
 
@@ -101,6 +103,43 @@ def test_estimate_is_exact_for_a_fixed_reference_shape():
     model = ReferenceDecoder(cfg).to(torch.bfloat16)
     lens = [5, 3, 7]
     assert _measured(model, 10, lens, 16) == _predicted(model_spec(cfg), 10, lens, 16, "bf16")
+
+
+def _kernel_models(dtype):
+    """A reference decoder and an HF Qwen3 (qk-norm) with head dim 64, which the kernel takes."""
+    cfg = DecoderConfig(vocab_size=97, hidden_size=128, num_layers=2, num_heads=2,
+                        num_kv_heads=1, intermediate_size=96)  # fmt: skip
+    hf = transformers.Qwen3Config(vocab_size=61, hidden_size=128, num_hidden_layers=2,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                                  intermediate_size=40, tie_word_embeddings=False)  # fmt: skip
+    hf._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return [ReferenceDecoder(cfg).to(dtype), transformers.Qwen3ForCausalLM(hf).to(dtype)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_estimate_is_exact_for_the_triton_kernel_path(dtype):
+    # Packed rows through the kernel (Triton's interpreter here): no K/V copies, no mask.
+    for model in _kernel_models(dtype):
+        for P, lens, tpm in [(10, [5, 3, 7], 16), (21, [2, 9], None)]:
+            measured = _measured(model, P, lens, tpm, attention="triton")
+            predicted = _predicted(model_spec(model), P, lens, tpm, dtype, attention="triton")
+            assert measured == predicted, type(model).__name__
+
+
+def test_cuda_estimate_uses_the_kernel_where_it_applies():
+    spec = PRESETS["llama3-8b"]
+    kw = dict(target="cuda", tokens_per_microbatch=4096)
+    auto = estimate_step(spec, 8192, [1024] * 16, "reuse", "bf16", **kw)
+    padded = estimate_step(spec, 8192, [1024] * 16, "reuse", "bf16", attention="padded", **kw)
+    triton = estimate_step(spec, 8192, [1024] * 16, "reuse", "bf16", attention="triton", **kw)
+    assert auto == triton and auto["B"].microbatch < padded["B"].microbatch
+    # fp64 and the CPU keep padded rows under "auto", as reuse_step does
+    for dtype, target in (("fp64", "cuda"), ("bf16", "cpu")):
+        kw = dict(target=target, tokens_per_microbatch=4096)
+        assert estimate_step(spec, 512, [64] * 4, "reuse", dtype, **kw) == estimate_step(
+            spec, 512, [64] * 4, "reuse", dtype, attention="padded", **kw
+        )
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.gpu
 DEVICE = "cuda"
 
 
-def _model(dtype, layers=4, hidden=256):
+def _model(dtype, layers=4, hidden=512):  # head dim 64: the Triton kernel's
     model = tiny_reference(
         dtype, layers=layers, hidden=hidden, heads=8, kv_heads=2, max_positions=4096
     )
@@ -24,19 +24,37 @@ def _groups(P=512, lens=(64, 17, 1, 40, 64, 33), seed=0):
     return [random_group(P, list(lens), seed=seed, device=DEVICE, dtype=torch.float32)]
 
 
-def test_bf16_reuse_within_tolerance_rule_on_cuda():
+@pytest.mark.parametrize("attention", ["auto", "padded"])
+def test_bf16_reuse_within_tolerance_rule_on_cuda(attention):
     groups = _groups()
     m64 = _model(torch.float64)
     ref = grads_of(m64, lambda: dense_step(m64, groups, pg_loss))
     m16 = _model(torch.bfloat16)
     dense16 = grads_of(m16, lambda: dense_step(m16, groups, pg_loss))
+    box = {}
 
     def reuse():
-        with hbmplan.memory(m16, tokens_per_microbatch=256) as mem:
-            mem.step(groups, pg_loss)
+        with hbmplan.memory(m16, tokens_per_microbatch=256, attention=attention) as mem:
+            box["stats"] = mem.step(groups, pg_loss)
 
     reuse16 = grads_of(m16, reuse)
+    assert box["stats"].attention == ("triton" if attention == "auto" else "padded")
     assert_tolerance_rule(reuse16, dense16, ref)
+
+
+def test_deterministic_kernel_step_is_bitwise_reproducible_on_cuda():
+    model = _model(torch.bfloat16)
+    groups = _groups(P=2048, lens=(256,) * 8, seed=3)
+
+    def run():
+        def fn():
+            with hbmplan.memory(model, tokens_per_microbatch=1024, deterministic=True) as mem:
+                mem.step(groups, pg_loss)
+
+        return grads_of(model, fn)
+
+    first, second = run(), run()
+    assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
