@@ -32,6 +32,7 @@ __all__ = [
     "MoEAdapter",
     "ReferenceAdapter",
     "adapt",
+    "check_schedulable",
     "model_device",
     "model_dtype",
     "packed_unsupported",
@@ -152,6 +153,14 @@ class MoEAdapter(ReferenceAdapter):
         router_logits: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         return self._run(ids, positions, None, router_logits)[0]
+
+
+def check_schedulable(adapter: CausalLMAdapter) -> None:
+    """Raise if the model's current settings stop the reuse schedule (an adapter's optional
+    ``check_schedulable()``; e.g. Hugging Face gradient checkpointing)."""
+    check = getattr(adapter, "check_schedulable", None)
+    if check is not None:
+        check()
 
 
 def packed_unsupported(adapter: CausalLMAdapter, context_len: int) -> str | None:

@@ -180,6 +180,23 @@ class HFAdapter:
             softmax_dtype="logits",
         )
 
+    def check_schedulable(self) -> None:
+        """``ValueError`` when the model's settings stop the reuse schedule: Hugging Face gradient
+        checkpointing (in training mode) drops the K/V cache that phase A fills and phase B reads.
+        hbmplan keeps or offloads the prompt's activations itself (``hbm_budget=``)."""
+        checkpointed = [
+            i
+            for i, layer in enumerate(self.layers)
+            if getattr(layer, "gradient_checkpointing", False) and layer.training
+        ]
+        if checkpointed:
+            raise ValueError(
+                f"Hugging Face gradient checkpointing must be off for the reuse schedule (it drops "
+                f"the K/V cache phase A fills), got it on in {len(checkpointed)} of "
+                f"{self.num_layers} layers: call model.gradient_checkpointing_disable(), and give "
+                "hbmplan.memory an hbm_budget to offload prompt activations instead"
+            )
+
     def sliding_window(self) -> int | None:
         """The shortest sliding window any layer applies, ``None`` when all attend fully."""
         default = getattr(self.config, "sliding_window", None)

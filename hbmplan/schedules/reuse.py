@@ -34,6 +34,7 @@ from hbmplan.group import Group, validate_groups
 from hbmplan.models.adapter import (
     CausalLMAdapter,
     adapt,
+    check_schedulable,
     model_device,
     model_dtype,
     router_spec,
@@ -289,6 +290,7 @@ def reuse_step(
     validate_groups(groups, adapter.vocab_size, adapter.max_positions, model_device(adapter))
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    check_schedulable(adapter)
     phase_b = resolve_attention(attention, adapter, groups, model_dtype(adapter), grad_cache_dtype)
     device = groups[0].prompt.device
     stats = StepStats("reuse", groups=len(groups), trajectories=sum(g.group_size for g in groups))

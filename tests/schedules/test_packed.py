@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hbmplan
+from hbmplan.kernels import launch
 from hbmplan.models.hf import ATTENTION_NAME, packed_prefix_attention
 from hbmplan.schedules import dense_step, reuse_step
 from hbmplan.schedules.attention import context_len, resolve_attention
@@ -26,6 +27,10 @@ from tests.helpers import (
     tiny_reference,
 )
 from tests.models.test_moe import grad_diff, tiny_hf_moe, tiny_moe
+
+needs_triton = pytest.mark.skipif(
+    not launch.detect().triton, reason="the triton package is not installed"
+)
 
 
 def reuse_grads(model, groups, attention, tpm=None, loss=pg_loss, **kw):
@@ -63,6 +68,7 @@ def test_packed_reference_equals_dense_in_fp64(prompt_len, response_lens, n_grou
     assert max_rel_diff(packed, dense) < 1e-12
 
 
+@needs_triton
 @settings(max_examples=12)
 @given(
     prompt_len=st.integers(2, 40),
@@ -82,6 +88,7 @@ def test_triton_schedule_fp32_matches_fp64_dense(prompt_len, response_lens, budg
     assert max_rel_diff(triton, ref) < 1e-5
 
 
+@needs_triton
 def test_triton_schedule_bf16_within_tolerance_rule():
     groups = [random_group(45, [1, 17, 33, 8], seed=3, dtype=torch.float32)]
     m64 = kernel_model(torch.float64)
@@ -92,6 +99,7 @@ def test_triton_schedule_bf16_within_tolerance_rule():
     assert_tolerance_rule(triton, dense16, ref)
 
 
+@needs_triton
 def test_deterministic_triton_backward_is_bitwise_reproducible():
     model = kernel_model(torch.float32)
     groups = [random_group(70, [9, 30, 2], seed=4, dtype=torch.float32)]
@@ -114,6 +122,7 @@ def test_hf_packed_equals_dense_and_restores_attention(family, attn):
     assert model.config._attn_implementation == attn
 
 
+@needs_triton
 def test_hf_triton_kernel_equals_padded():
     """An HF model whose head dim the kernel takes, through the registered attention function."""
     model = tiny_hf("Qwen3", dtype=torch.float32)
@@ -142,6 +151,7 @@ def test_router_losses_with_packed_rows(mode):
 # ---- memory: the prompt K/V are read in place ------------------------------------------------
 
 
+@needs_triton
 def test_packed_kernel_holds_no_per_row_copy_of_the_prompt_kv():
     """With G rows in one microbatch, padded rows each concatenate the prompt K/V (and attention
     keeps the concatenation for backward); the kernel keeps none, so phase B's held bytes drop by
@@ -155,6 +165,7 @@ def test_packed_kernel_holds_no_per_row_copy_of_the_prompt_kv():
     assert drop >= G * packed.prompt_kv_bytes, (drop, packed.prompt_kv_bytes)
 
 
+@needs_triton
 def test_offload_with_packed_rows_is_bitwise_same():
     model = kernel_model(torch.float32, layers=3)
     groups = [random_group(64, [5, 9, 3], seed=11, dtype=torch.float32)]
@@ -171,6 +182,7 @@ def test_offload_with_packed_rows_is_bitwise_same():
     assert all(torch.equal(base[k], moved[k]) for k in base)
 
 
+@needs_triton
 def test_failed_packed_step_restores_grads():
     model = kernel_model(torch.float32)
     groups = [random_group(30, [4, 6, 2], seed=12, dtype=torch.float32)]
@@ -211,6 +223,7 @@ def test_context_len_is_prompt_kv_plus_longest_row():
     assert context_len(groups) == max(8 + 4, 4 + 10)
 
 
+@needs_triton
 @pytest.mark.parametrize(
     ("kw", "error", "match"),
     [
@@ -230,6 +243,7 @@ def test_bad_attention_arguments_fail_before_any_state_changes(kw, error, match)
     assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
 
 
+@needs_triton
 def test_triton_rejects_head_dims_and_cache_dtypes_it_cannot_take():
     groups = [random_group(9, [3, 4], dtype=torch.float32)]
     with pytest.raises(ValueError, match="head dim must be one of"):
@@ -255,6 +269,24 @@ def test_sliding_window_shorter_than_context_refuses_packed_rows():
         reuse_step(model, long, pg_loss, attention="reference")
     adapter = hbmplan.models.adapt(model)
     assert not resolve_attention("auto", adapter, long, torch.float64, None).packed
+
+
+def test_hf_gradient_checkpointing_is_refused_before_any_state_changes():
+    model = tiny_hf("Llama")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    groups = [random_group(9, [3, 4])]
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    for attention in ("padded", "reference"):
+        with pytest.raises(ValueError, match="gradient checkpointing must be off"):
+            reuse_step(model, groups, pg_loss, attention=attention)
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
+    model.eval()  # HF checkpoints only in training mode: the schedule then runs
+    for p in model.parameters():
+        p.grad = None
+    dense = grads_of(model, lambda: dense_step(model, groups, pg_loss))
+    assert max_rel_diff(reuse_grads(model, groups, "reference")[0], dense) < 1e-6
 
 
 def test_registered_attention_refuses_calls_outside_the_schedule():
