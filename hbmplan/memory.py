@@ -79,7 +79,8 @@ class Report:
             f"{s.grad_cache_bytes / mib:.1f} MiB, peaks from {s.memory_source}"
         )
         if s.attention:
-            lines.append(f"phase B attention: {s.attention}")
+            note = f" (auto: {s.attention_note})" if s.attention_note else ""
+            lines.append(f"phase B attention: {s.attention}{note}")
         off = s.offload
         if off is not None and off.engine is not None:
             e = off.engine

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from hbmplan.losses import group_advantages
 from hbmplan.memory import MemoryContext
+from tools import grpo_record as gr
 from tools import grpo_trace as gt
 from tools.grpo_task import (
     ANS,
@@ -77,7 +78,7 @@ def test_ten_step_replay_aligns_per_step(replayed, tiny_trace):
 
 def test_the_replayed_run_actually_trains(tiny_trace):
     """Alignment means little if nothing moved: advantages, ratios and parameters all change."""
-    trace = gt.load_trace(tiny_trace)
+    trace = gr.load_trace(tiny_trace)
     steps = trace.meta["steps"]
     assert any(trace.tensors[f"group/{s['groups'][0]}/advantages"].abs().max() > 0.5 for s in steps)
     assert all(s["max_abs_log_ratio"] > 1e-4 for s in steps[1::2])  # off-policy updates
@@ -138,31 +139,31 @@ def test_trace_round_trips_without_pickle(tiny_trace, tmp_path):
     assert names == ["trace.json", "trace.safetensors"]
     meta = json.loads((tiny_trace / "trace.json").read_text())  # plain readers suffice
     tensors = load_file(tiny_trace / "trace.safetensors")
-    assert meta["format"] == gt.FORMAT and meta["version"] == gt.VERSION
+    assert meta["format"] == gr.FORMAT and meta["version"] == gr.VERSION
     assert meta["train"]["seed"] == 0 and meta["task"]["prompt_len"] == 64
     assert len(meta["steps"]) == 10 and {"loss", "grad_norm"} <= meta["steps"][0].keys()
-    trace = gt.load_trace(tiny_trace)
-    gt.save_trace(tmp_path / "copy", trace)
-    again = gt.load_trace(tmp_path / "copy")
+    trace = gr.load_trace(tiny_trace)
+    gr.save_trace(tmp_path / "copy", trace)
+    again = gr.load_trace(tmp_path / "copy")
     assert again.meta == meta and again.tensors.keys() == tensors.keys()
     assert all(torch.equal(again.tensors[k], v) for k, v in tensors.items())
     assert not [p for p in tmp_path.rglob("*") if p.suffix in (".pt", ".pth", ".pkl", ".bin")]
 
 
 def test_trace_contents_follow_from_the_task_and_the_policy(tiny_trace):
-    trace = gt.load_trace(tiny_trace)
+    trace = gr.load_trace(tiny_trace)
     steps = trace.meta["steps"]
     assert [s["groups"] for s in steps] == [[k // 2] for k in range(10)]  # 2 updates per batch
     model = build_model(trace.model_spec, trace.task, seed=0)
     for n, p in model.named_parameters():  # the seed reproduces the stored init
         assert torch.equal(p, trace.tensors[f"init/{n}"]), n
     for j, g in enumerate(trace.meta["groups"]):
-        group = gt.group_from(trace.tensors, j)
+        group = gr.group_from(trace.tensors, j)
         rewards = torch.tensor([reward(r.tolist(), g["answer"]) for r in group.responses])
         assert torch.equal(rewards, trace.tensors[f"group/{j}/rewards"])
         assert torch.allclose(group.data["advantages"], group_advantages(rewards))
     # the first batch was sampled from the init policy: its old log-probs are that policy's
-    group = gt.group_from(trace.tensors, 0)
+    group = gr.group_from(trace.tensors, 0)
     with torch.no_grad():
         for r, old in zip(group.responses, group.data["old_logprobs"], strict=True):
             assert torch.allclose(_full_logprobs(model, group.prompt, r), old, atol=1e-5)
@@ -243,7 +244,7 @@ def test_cached_sampler_matches_a_full_forward_and_stops_at_eos(kind):
 
 def test_progress_falls_back_without_tqdm(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm raises ImportError
-    with gt.progress(3, "replay", True) as bar:
+    with gr.progress(3, "replay", True) as bar:
         for _ in range(3):
             bar.set_postfix_str("ok")
             bar.update(1)

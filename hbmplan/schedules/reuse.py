@@ -294,7 +294,7 @@ def reuse_step(
     phase_b = resolve_attention(attention, adapter, groups, model_dtype(adapter), grad_cache_dtype)
     device = groups[0].prompt.device
     stats = StepStats("reuse", groups=len(groups), trajectories=sum(g.group_size for g in groups))
-    stats.attention = phase_b.name
+    stats.attention, stats.attention_note = phase_b.name, phase_b.why
     clock = PhaseClock(stats, device)
     router = RouterLoss(spec, router_loss) if spec is not None else None
     try:

@@ -81,6 +81,8 @@ class StepStats:
     """Largest gradient cache (gK/gV) of a group."""
     attention: str = ""
     """Phase B's attention: "triton", "reference" (packed rows) or "padded"; "" for dense."""
+    attention_note: str = ""
+    """Why ``attention="auto"`` did not take the Triton kernel ("" when it did or was not asked)."""
     loss: torch.Tensor | None = None
     """Sum of the back-propagated loss over all trajectories, detached (no host sync is made to
     read it): the user's loss plus, for a MoE model, the router loss in ``router``."""

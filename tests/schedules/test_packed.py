@@ -216,6 +216,9 @@ def test_auto_is_padded_off_cuda_and_report_names_the_path():
         stats = mem.step(groups, pg_loss)
     assert stats.attention == "reference"
     assert "phase B attention: reference" in str(mem.report())
+    with hbmplan.memory(model) as mem:
+        mem.step(groups, pg_loss)
+    assert "phase B attention: padded (auto: the groups are on cpu, not CUDA)" in str(mem.report())
 
 
 def test_context_len_is_prompt_kv_plus_longest_row():
