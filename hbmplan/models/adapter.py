@@ -10,6 +10,10 @@ Packed rows: an adapter that can run phase B as one row of packed responses has
 are then [1, T] and attention reads the prompt K/V in place through
 :func:`hbmplan.kernels.prefix_attention`. Adapters without it run padded rows.
 
+An adapter may expose ``lm_head`` (an ``nn.Linear`` whose output ``logits`` returns as is):
+log-probs over a large vocabulary are then computed in chunks (see
+:mod:`hbmplan.schedules.logprobs`).
+
 A mixture-of-experts adapter also has ``router`` (the :class:`RouterSpec` of the router loss the
 model trains with, ``None`` when it is off) and its three forward methods take a keyword
 ``router_logits``: a list the forward appends each router layer's logits to.
@@ -108,6 +112,11 @@ class ReferenceAdapter:
     def full_hidden(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden, _ = self.model(ids, positions)
         return hidden
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        """The LM head (chunked log-probs read its weight directly)."""
+        return self.model.lm_head
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden)

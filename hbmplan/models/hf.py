@@ -112,7 +112,7 @@ def packed_prefix_attention(
     if dropout:
         raise ValueError(f"attention dropout must be 0 for packed rows, got {dropout}")
     context = hbmplan_prefix.prefix_len + hbmplan_prefix.max_seqlen
-    if sliding_window is not None and sliding_window < context:
+    if sliding_window and sliding_window < context:
         raise ValueError(
             f"sliding window {sliding_window} is shorter than the context {context}: packed "
             "rows attend to the whole prompt"
@@ -198,10 +198,12 @@ class HFAdapter:
             )
 
     def sliding_window(self) -> int | None:
-        """The shortest sliding window any layer applies, ``None`` when all attend fully."""
+        """The shortest sliding window any layer applies, ``None`` when all attend fully. A layer's
+        attention module states its own (Qwen2/Qwen3 families); otherwise the config's applies
+        (Mistral, Mixtral). 0 or ``None`` means no window (Qwen2-MoE writes 0 when it is off)."""
         default = getattr(self.config, "sliding_window", None)
         windows = [getattr(layer.self_attn, "sliding_window", default) for layer in self.layers]
-        windows = [w for w in windows if w is not None]
+        windows = [w for w in windows if w]
         return min(windows) if windows else None
 
     def packed_unsupported(self, context_len: int) -> str | None:
@@ -292,6 +294,12 @@ class HFAdapter:
         router_logits: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         return self._run(ids, positions, None, router_logits)
+
+    @property
+    def lm_head(self) -> nn.Module:
+        """The output embedding (an ``nn.Linear`` for the supported families; the schedules'
+        chunked log-probs read its weight)."""
+        return self.head
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden)

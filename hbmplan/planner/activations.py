@@ -19,6 +19,7 @@ import torch
 
 from hbmplan.kernels.launch import SUPPORTED_HEAD_DIMS
 from hbmplan.planner.presets import ModelSpec
+from hbmplan.schedules import logprobs
 from hbmplan.schedules.attention import ATTENTIONS
 from hbmplan.schedules.microbatch import pack_rows, pack_tokens
 
@@ -239,9 +240,15 @@ class _Bytes:
         s = self.spec
         return ids_bytes + 2 * rows * T * s.head_dim * self.it + self.norm(rows * T, s.hidden_size)
 
-    def lm_head(self, N: int) -> int:
-        """Picked hidden [N, h], log-softmax output [N, V] (fp32), gathered targets [N] int64."""
+    def logprob_chunk(self, N: int) -> int | None:
+        """Rows per chunk the schedules' log-probs take for N tokens (``None``: unchunked)."""
         V = math.ceil(self.spec.vocab_size / self.tp)
+        return logprobs.chunk_rows(N, V, self.spec.hidden_size, self.it, self.acc)
+
+    def lm_head(self, N: int) -> int:
+        """Picked hidden [N, h], log-softmax output [N, V] (fp32; chunked: logsumexp [N] only),
+        gathered targets [N] int64."""
+        V = 1 if self.logprob_chunk(N) else math.ceil(self.spec.vocab_size / self.tp)
         return N * (self.spec.hidden_size * self.it + V * self.acc + 8)
 
     def backward_workspace(self, rows: int, T: int, prefix: int) -> int:
@@ -262,8 +269,15 @@ class _Bytes:
         return 2 * n * max(s.hidden_size * self.ct, self.hq * s.head_dim * self.it)
 
     def logits_workspace(self, N: int) -> int:
-        """Logits in the model dtype plus two fp32 [N, V] gradients in their backward."""
-        return N * math.ceil(self.spec.vocab_size / self.tp) * (self.it + 2 * self.acc)
+        """Logits in the model dtype plus two fp32 [N, V] gradients in their backward; chunked,
+        the same for one chunk plus the head's weight gradient in fp32 and its cast."""
+        V = math.ceil(self.spec.vocab_size / self.tp)
+        chunk = self.logprob_chunk(N)
+        if chunk is None:
+            return N * V * (self.it + 2 * self.acc)
+        return chunk * V * (self.it + 2 * self.acc) + V * self.spec.hidden_size * (
+            self.acc + self.it
+        )
 
 
 def _total(p: PhaseBytes) -> int:

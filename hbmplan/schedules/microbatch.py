@@ -6,9 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from torch import nn
 
 from hbmplan.group import Group
 from hbmplan.models.adapter import CausalLMAdapter
+from hbmplan.schedules.logprobs import chunk_rows, chunked_token_logprobs
 
 __all__ = [
     "LossFn",
@@ -135,12 +137,23 @@ def token_logprobs(
         targets: row b's response token ids [S_b].
 
     Returns:
-        One tensor [S_b] per row, float32 (float64 for a float64 model), differentiable.
+        One tensor [S_b] per row, float32 (float64 for a float64 model), differentiable. When
+        the adapter exposes its ``lm_head`` (an ``nn.Linear``) and chunks need less memory than
+        the [N, V] log-softmax (:func:`hbmplan.schedules.logprobs.chunk_rows`), they are
+        computed in chunks (:func:`hbmplan.schedules.logprobs.chunked_token_logprobs`).
     """
     dtype = torch.float64 if picked.dtype == torch.float64 else torch.float32
-    logp = adapter.logits(picked).to(dtype).log_softmax(-1)
-    tok = torch.cat(list(targets)).to(logp.device)
-    token_logp = logp.gather(-1, tok[:, None]).squeeze(-1)
+    tok = torch.cat(list(targets)).to(picked.device)
+    head = getattr(adapter, "lm_head", None)
+    chunk = None
+    if isinstance(head, nn.Linear):  # chunks when they need less memory: nothing [N, V] kept
+        V, h = head.weight.shape
+        chunk = chunk_rows(picked.shape[0], V, h, picked.dtype.itemsize, dtype.itemsize)
+    if chunk is None:
+        logp = adapter.logits(picked).to(dtype).log_softmax(-1)
+        token_logp = logp.gather(-1, tok[:, None]).squeeze(-1)
+    else:
+        token_logp = chunked_token_logprobs(picked, head.weight, head.bias, tok, chunk, dtype)
     return list(token_logp.split([t.numel() for t in targets]))
 
 

@@ -15,7 +15,7 @@ from hbmplan.models import DecoderConfig, ReferenceDecoder
 from hbmplan.planner.activations import estimate_step
 from hbmplan.planner.frontier import Calibration, Shards, frontier, static_memory
 from hbmplan.planner.presets import PRESETS, ModelSpec, model_spec
-from hbmplan.schedules import dense_step, reuse_step
+from hbmplan.schedules import dense_step, logprobs, reuse_step
 
 transformers = pytest.importorskip("transformers")
 
@@ -125,6 +125,19 @@ def test_estimate_is_exact_for_the_triton_kernel_path(dtype):
             measured = _measured(model, P, lens, tpm, attention="triton")
             predicted = _predicted(model_spec(model), P, lens, tpm, dtype, attention="triton")
             assert measured == predicted, type(model).__name__
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_estimate_is_exact_with_chunked_logprobs(dtype, monkeypatch):
+    # A vocabulary large next to the width: chunks of 2 rows save memory, so both schedules and
+    # the estimate take them.
+    monkeypatch.setattr(logprobs, "LOGITS_BUDGET", 2 * 2000 * 4)
+    cfg = DecoderConfig(vocab_size=2000, hidden_size=16, num_layers=2, num_heads=2,
+                        num_kv_heads=1, intermediate_size=32)  # fmt: skip
+    model = ReferenceDecoder(cfg).to(dtype)
+    assert logprobs.chunk_rows(15, 2000, 16, dtype.itemsize) == 2
+    lens = [5, 3, 7]
+    assert _measured(model, 10, lens, 16) == _predicted(model_spec(cfg), 10, lens, 16, dtype)
 
 
 def test_cuda_estimate_uses_the_kernel_where_it_applies():

@@ -141,7 +141,8 @@ def test_hf_triton_kernel_equals_padded():
 def test_router_losses_with_packed_rows(mode):
     # HF keeps RoPE's inverse frequencies in fp32, hence its looser bound (as for padded rows)
     groups = [random_group(13, [4, 1, 7], seed=8), random_group(6, [2, 5], seed=9)]
-    for model, bound in ((tiny_moe(z=0.05), 1e-12), (tiny_hf_moe("Qwen3Moe", coef=2.0), 1e-6)):
+    hf = [(tiny_hf_moe(family, coef=2.0), 1e-6) for family in ("Qwen3Moe", "Mixtral", "Qwen2Moe")]
+    for model, bound in [(tiny_moe(z=0.05), 1e-12), *hf]:
         dense = grads_of(model, lambda m=model: dense_step(m, groups, pg_loss, router_loss=mode))
         packed, stats = reuse_grads(model, groups, "reference", 9, router_loss=mode)
         assert stats.router is not None
