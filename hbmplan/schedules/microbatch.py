@@ -28,44 +28,37 @@ LossFn = Callable[[torch.Tensor, Group, int], torch.Tensor]
 """``loss_fn(logprobs [S_i], group, i) -> scalar``; differentiable in ``logprobs``."""
 
 
+def _split_in_order(
+    lengths: Sequence[int], budget: int | None, cost: Callable[[list[int]], int]
+) -> list[list[int]]:
+    """Greedy split of row indices, in order: a microbatch grows while ``cost`` of its rows'
+    lengths stays within ``budget``; ``None`` gives one row each; an oversized row runs alone."""
+    if budget is None:
+        return [[i] for i in range(len(lengths))]
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in range(len(lengths)):
+        if current and cost([lengths[j] for j in [*current, i]]) > budget:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
 def pack_rows(lengths: Sequence[int], tokens_per_microbatch: int | None) -> list[list[int]]:
     """Split row indices, in order, into microbatches of at most ``tokens_per_microbatch`` padded
     tokens (rows x longest row). ``None`` gives one row per microbatch; a row longer than the
     budget runs alone."""
-    if tokens_per_microbatch is None:
-        return [[i] for i in range(len(lengths))]
-    batches: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for i, n in enumerate(lengths):
-        if current and (len(current) + 1) * max(longest, n) > tokens_per_microbatch:
-            batches.append(current)
-            current, longest = [], 0
-        current.append(i)
-        longest = max(longest, n)
-    if current:
-        batches.append(current)
-    return batches
+    return _split_in_order(lengths, tokens_per_microbatch, lambda ns: len(ns) * max(ns))
 
 
 def pack_tokens(lengths: Sequence[int], tokens_per_microbatch: int | None) -> list[list[int]]:
     """Split row indices, in order, into packed microbatches of at most ``tokens_per_microbatch``
     tokens in total (no padding). ``None`` gives one row per microbatch; a row longer than the
     budget runs alone."""
-    if tokens_per_microbatch is None:
-        return [[i] for i in range(len(lengths))]
-    batches: list[list[int]] = []
-    current: list[int] = []
-    used = 0
-    for i, n in enumerate(lengths):
-        if current and used + n > tokens_per_microbatch:
-            batches.append(current)
-            current, used = [], 0
-        current.append(i)
-        used += n
-    if current:
-        batches.append(current)
-    return batches
+    return _split_in_order(lengths, tokens_per_microbatch, sum)
 
 
 def packed_rows(

@@ -16,7 +16,7 @@ from hbmplan.kernels import launch
 from hbmplan.models.hf import ATTENTION_NAME, packed_prefix_attention
 from hbmplan.schedules import dense_step, reuse_step
 from hbmplan.schedules.attention import context_len, resolve_attention
-from hbmplan.schedules.microbatch import pack_tokens, unpack_rows
+from hbmplan.schedules.microbatch import pack_rows, pack_tokens, unpack_rows
 from tests.helpers import (
     assert_tolerance_rule,
     grads_of,
@@ -302,19 +302,23 @@ def test_registered_attention_refuses_calls_outside_the_schedule():
 # ---- packing ---------------------------------------------------------------------------------
 
 
+PACKINGS = [(pack_tokens, sum), (pack_rows, lambda ns: len(ns) * max(ns))]
+
+
 @given(
     lengths=st.lists(st.integers(1, 50), min_size=1, max_size=12),
     budget=st.one_of(st.none(), st.integers(1, 120)),
+    packing=st.sampled_from(PACKINGS),
 )
-def test_pack_tokens_keeps_order_and_budget(lengths, budget):
-    batches = pack_tokens(lengths, budget)
+def test_packing_keeps_order_and_budget(lengths, budget, packing):
+    split, cost = packing  # packed rows: total tokens; padded rows: rows x longest row
+    batches = split(lengths, budget)
     assert [i for b in batches for i in b] == list(range(len(lengths)))
     for b in batches:
-        total = sum(lengths[i] for i in b)
-        assert len(b) == 1 or (budget is not None and total <= budget)
+        assert len(b) == 1 or (budget is not None and cost([lengths[i] for i in b]) <= budget)
     if budget is not None:  # greedy: the next row would not have fit
         for b, nxt in itertools.pairwise(batches):
-            assert sum(lengths[i] for i in b) + lengths[nxt[0]] > budget
+            assert cost([lengths[i] for i in [*b, nxt[0]]]) > budget
 
 
 def test_unpack_rows_pads_each_row():
