@@ -232,6 +232,14 @@ class HostPool:
         self._peak = max(self._peak, self._used)
         return block
 
+    def fits(self, nbytes: int) -> bool:
+        """Whether :meth:`allocate` of ``nbytes`` would succeed without waiting: a free range
+        holds it once completed copies are reclaimed."""
+        self._check_open()
+        _check_size("nbytes", nbytes)
+        self._reclaim()
+        return self._best_fit(-(-nbytes // self.alignment) * self.alignment) is not None
+
     def free(self, block: Block, after: CopyEvent | None = None) -> None:
         """Return ``block``; with ``after``, only once that event has completed.
 

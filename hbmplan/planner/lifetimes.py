@@ -14,7 +14,7 @@ import torch
 
 from hbmplan.planner.capture import SavedStorage, storage_key
 
-__all__ = ["Lifetime", "classify"]
+__all__ = ["Lifetime", "classify", "rescale"]
 
 
 @dataclass(frozen=True)
@@ -61,3 +61,29 @@ def classify(storages: Iterable[SavedStorage], read_in_b: Sequence[torch.Tensor]
         )
         for rec in storages
     ]
+
+
+def rescale(
+    lifetimes: Sequence[Lifetime],
+    tensors: dict[int, tuple[tuple[int, ...], int]],
+    tokens: int,
+    new_tokens: int,
+) -> list[Lifetime]:
+    """The lifetimes of the same forward over ``new_tokens`` prompt tokens instead of ``tokens``.
+
+    ``tensors[id]`` is the (shape, bytes) of the first saved tensor of storage ``id``. Its bytes
+    scale by ``(new_tokens / tokens) ** k``, ``k`` the dims of its shape equal to ``tokens``: exact
+    for tensors linear in the sequence ([.., P, ..]) or quadratic ([P, P] masks); the rest of the
+    storage (a view's base beyond the view, e.g. the prompt ids of which phase A reads all but
+    the last) stays. A dim that equals ``tokens`` by chance (a head dim, say) scales wrongly, so a
+    prediction must be checked against the real capture.
+    """
+    if tokens < 1 or new_tokens < 1:
+        raise ValueError(f"token counts must be >= 1, got {tokens} and {new_tokens}")
+    out = []
+    for lt in lifetimes:
+        shape, tensor_bytes = tensors[lt.id]
+        k = sum(1 for d in shape if d == tokens)
+        nbytes = lt.nbytes - tensor_bytes + tensor_bytes * new_tokens**k // tokens**k
+        out.append(Lifetime(lt.id, nbytes, lt.layer, lt.op, lt.dtype, lt.born, lt.used))
+    return out

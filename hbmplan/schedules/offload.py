@@ -1,16 +1,20 @@
 """Carries out plans in the reuse schedule: dormant prompt activations go to a host pool during
 phases A/B and come back, in reverse layer order, just ahead of phase C's backward.
 
-The first step of a new shape captures phase A whole, plans from the measured lifetimes, and
-offloads right after phase A (so that step's phase-A peak is the no-offload one). Later steps of
-the same shape stream: at each layer boundary of phase A the planned storages of the finished
-layer are copied out, and the forward waits for copies more than ``offload_lag`` layers old, so
-phase A's peak follows the plan too.
+The first step of a context captures phase A whole, plans from the measured lifetimes, and
+offloads right after phase A (so that step's phase-A peak is the no-offload one). Later steps
+stream: at each layer boundary of phase A the planned storages of the finished layer are copied
+out, and the forward waits for copies more than ``offload_lag`` layers old, so phase A's peak
+follows the plan too. A step of a shape seen before reuses its plan; a step of a new shape (GRPO
+prompts and responses change length every step) plans before phase A from the last capture
+rescaled to its prompt length (:func:`hbmplan.planner.lifetimes.rescale`), and checks the
+prediction against its own capture after phase A.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,8 +22,9 @@ import torch
 
 from hbmplan.allocator.engine import OffloadEngine, OffloadHandle, OffloadStats
 from hbmplan.allocator.pool import HostPool
+from hbmplan.errors import BudgetError
 from hbmplan.planner.capture import SavedStorage, SavedTensorCapture, storage_key
-from hbmplan.planner.lifetimes import Lifetime, classify
+from hbmplan.planner.lifetimes import Lifetime, classify, rescale
 from hbmplan.planner.plan import Plan, PlanInputs, Rates, make_plan
 
 __all__ = ["OffloadMode", "OffloadReport", "PromptOffloader"]
@@ -37,7 +42,24 @@ class OffloadReport:
     engine: OffloadStats | None
     """Bytes, copies, link times and exposed wait of the engine (cumulative per context)."""
     streamed: bool
-    """Whether phase A streamed its offloads (a cached plan) or offloaded after phase A."""
+    """Whether phase A streamed its offloads (a cached or predicted plan) or offloaded after A."""
+    predicted: bool = False
+    """Whether the step planned before phase A from a rescaled earlier capture."""
+    mismatch: bool = False
+    """The prediction differed from the step's capture: it replanned after phase A (offloading
+    only what the host pool, sized for the prediction, could still take)."""
+
+
+@dataclass(frozen=True)
+class _Template:
+    """The last capture, for predicting the next shape's lifetimes."""
+
+    prompt_tokens: int
+    lifetimes: list[Lifetime]
+    tensors: dict[int, tuple[tuple[int, ...], int]]
+    """Per storage id: shape and bytes of its first saved tensor."""
+    grad_cache_bytes: int
+    kv_bytes: int
 
 
 class PromptOffloader:
@@ -64,6 +86,9 @@ class PromptOffloader:
         self._handles: list[tuple[int | None, OffloadHandle]] = []
         self._plan: Plan | None = None
         self._streamed = False
+        self._template: _Template | None = None
+        self._predicted: dict[int, int] | None = None
+        self._was_predicted = self._mismatch = False
 
     @property
     def active(self) -> bool:
@@ -71,23 +96,60 @@ class PromptOffloader:
         return self.mode == "all" or self.budget is not None
 
     # -- phase A -------------------------------------------------------------------------------
-    def begin_group(self, capture: SavedTensorCapture, shape_key: tuple) -> None:
-        """Before phase A: stream offloads if a plan for this shape is known."""
-        self._handles, self._plan = [], None
+    def begin_group(
+        self,
+        capture: SavedTensorCapture,
+        shape_key: tuple,
+        prompt_tokens: int,
+        b_working: Callable[[float, int], int],
+    ) -> None:
+        """Before phase A: stream offloads with the plan of this shape, or with one made now from
+        the last capture rescaled to ``prompt_tokens`` (P - 1). ``b_working(saved bytes per
+        prompt token, prompt K/V bytes)`` is phase B's working set for the planner."""
+        self._handles, self._plan, self._predicted = [], None, None
+        self._streamed = self._was_predicted = self._mismatch = False
         cached = self._plans.get(shape_key)
+        if cached is None and self._template is not None:
+            cached = self._predict(prompt_tokens, b_working)
         if cached is not None:
             self._plan, last = cached
             self._streamed = self._plan.offload_bytes > 0
             if self._streamed:
-                self._ensure_engine(self._plan)
-                capture.on_layer_start = self._streamer(capture, self._plan, last)
-        else:
-            self._streamed = False
+                self._ensure_engine(self._plan, margin=1.25 if self._predicted else 1.0)
+                capture.on_layer_start = self._streamer(
+                    capture, self._plan, last, best_effort=self._predicted is not None
+                )
 
-    def _streamer(self, capture: SavedTensorCapture, plan: Plan, last: dict[int, int | None]):
+    def _predict(
+        self, prompt_tokens: int, b_working: Callable[[float, int], int]
+    ) -> tuple[Plan, dict[int, int | None]] | None:
+        """A plan from the last capture rescaled to ``prompt_tokens``; ``None`` when the
+        prediction cannot be planned (the step then plans from its own capture after phase A)."""
+        t = self._template
+        lifetimes = rescale(t.lifetimes, t.tensors, t.prompt_tokens, prompt_tokens)
+        total = sum(lt.nbytes for lt in lifetimes)
+        grad_cache = t.grad_cache_bytes * prompt_tokens // t.prompt_tokens
+        kv = t.kv_bytes * prompt_tokens // t.prompt_tokens
+        try:
+            plan = self._make_plan(lifetimes, grad_cache, b_working(total / prompt_tokens, kv))
+        except BudgetError:
+            return None  # decided on the step's own capture, which may differ
+        self._predicted = {lt.id: lt.nbytes for lt in lifetimes}
+        self._was_predicted = True
+        return plan, {lt.id: lt.layer for lt in lifetimes}
+
+    def _streamer(
+        self,
+        capture: SavedTensorCapture,
+        plan: Plan,
+        last: dict[int, int | None],
+        best_effort: bool = False,
+    ):
         """Layer-boundary hook of phase A: offload planned storages whose last save (known from
         the step that made the plan) is in a finished layer, then hold the forward until copies
-        older than ``offload_lag`` layers are out."""
+        older than ``offload_lag`` layers are out. ``best_effort`` (a predicted plan, whose pool
+        may be too small for the real sizes): a storage the pool cannot take stays on the
+        device."""
 
         def finished(rec: SavedStorage, layer: int) -> bool:
             last_layer = last.get(rec.id, layer)
@@ -99,6 +161,7 @@ class PromptOffloader:
                     plan.decisions.get(rec.id) == "offload"
                     and not (rec.offloaded or rec.freed)
                     and finished(rec, layer)
+                    and (not best_effort or self._pool.fits(rec.nbytes))
                 ):
                     self._handles.append((last.get(rec.id), capture.offload(rec, self._engine)))
             lag = layer - plan.offload_lag
@@ -114,25 +177,53 @@ class PromptOffloader:
         prompt_kv: Sequence[torch.Tensor],
         shape_key: tuple,
         grad_cache_bytes: int,
-        b_working_bytes: int,
+        kv_bytes: int,
+        prompt_tokens: int,
+        b_working: Callable[[float, int], int],
     ) -> list[Lifetime]:
-        """Classify the prompt's saved storages; plan (first step of a shape) and offload what
-        the plan says and streaming has not yet moved. Raises ``BudgetError`` when no plan fits."""
+        """Classify the prompt's saved storages; plan (a new shape without a prediction, or a
+        prediction that missed) and offload what the plan says and streaming has not yet moved.
+        ``kv_bytes``: the prompt K/V (all layers); ``b_working`` as for :meth:`begin_group`.
+        Raises ``BudgetError`` when no plan fits."""
         capture.on_layer_start = None
-        lifetimes = classify(capture.live_records(), prompt_kv)
+        records = capture.live_records()  # offloaded ones included
+        lifetimes = classify(records, prompt_kv)
+        self._template = _Template(
+            prompt_tokens,
+            lifetimes,
+            {r.id: (r.shape, math.prod(r.shape) * r.dtype.itemsize) for r in records},
+            grad_cache_bytes,
+            kv_bytes,
+        )
+        total = sum(lt.nbytes for lt in lifetimes)
+        b_working_bytes = b_working(total / prompt_tokens, kv_bytes)
+        last = {lt.id: lt.layer for lt in lifetimes}
         plan = self._plan
+        if self._predicted is not None and self._predicted != {
+            lt.id: lt.nbytes for lt in lifetimes
+        }:
+            plan, self._mismatch = None, True  # replan from the real capture
         if plan is None:
             plan = self._plan = self._make_plan(lifetimes, grad_cache_bytes, b_working_bytes)
-            self._plans[shape_key] = (plan, {lt.id: lt.layer for lt in lifetimes})
-        elif set(plan.decisions) != {lt.id for lt in lifetimes}:
+            self._plans[shape_key] = (plan, last)
+        elif set(plan.decisions) != set(last):
             # the capture differs from the step that made the plan: run this step on it as it
             # is (unknown storages stay) and replan from the next step's own capture
-            del self._plans[shape_key]
+            self._plans.pop(shape_key, None)
+        elif self._predicted is not None:
+            self._plans[shape_key] = (plan, last)  # the prediction was exact
+        self._predicted = None
         if plan.offload_bytes == 0:
             return lifetimes
-        self._ensure_engine(plan)
+        # a missed prediction may need a larger pool than the one streaming already uses: then
+        # offload what still fits, and the rest stays on the device this step
+        best_effort = bool(self._handles) and not self._fits(plan)
+        if not best_effort:
+            self._ensure_engine(plan)
         for rec in capture.live_records():
             if plan.decisions.get(rec.id) == "offload" and not rec.offloaded:
+                if best_effort and not self._pool.fits(rec.nbytes):
+                    continue
                 self._handles.append((rec.last_layer, capture.offload(rec, self._engine)))
         return lifetimes
 
@@ -155,12 +246,20 @@ class PromptOffloader:
         )
         return make_plan(inputs)
 
-    def _ensure_engine(self, plan: Plan) -> None:
-        """A pool that holds the plan's offloads (grown only between groups: no live handle)."""
+    @staticmethod
+    def _pool_need(plan: Plan) -> int:
         blocks = sum(1 for d in plan.decisions.values() if d == "offload")
-        need = plan.offload_bytes + blocks * _ALIGN_SLACK
-        if self._pool is not None and self._pool.capacity >= need:
+        return plan.offload_bytes + blocks * _ALIGN_SLACK
+
+    def _fits(self, plan: Plan) -> bool:
+        return self._pool is not None and self._pool.capacity >= self._pool_need(plan)
+
+    def _ensure_engine(self, plan: Plan, margin: float = 1.0) -> None:
+        """A pool that holds the plan's offloads, ``margin`` times over for a predicted plan
+        (grown only between groups: no live handle)."""
+        if self._fits(plan):
             return
+        need = int(self._pool_need(plan) * margin)
         assert not self._handles, "the host pool can only grow between groups"
         self.close()
         self._pool = HostPool(max(need, _ALIGN_SLACK), pin=self.device.type == "cuda")
@@ -198,7 +297,13 @@ class PromptOffloader:
 
     def report(self) -> OffloadReport:
         stats = self._engine.stats() if self._engine is not None else None
-        return OffloadReport(plan=self._plan, engine=stats, streamed=self._streamed)
+        return OffloadReport(
+            plan=self._plan,
+            engine=stats,
+            streamed=self._streamed,
+            predicted=self._was_predicted,
+            mismatch=self._mismatch,
+        )
 
     def close(self) -> None:
         """Release the engine and the host pool (idempotent)."""

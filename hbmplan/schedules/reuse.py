@@ -91,18 +91,16 @@ def _model_storages(adapter: CausalLMAdapter) -> list[torch.Tensor]:
 
 
 def _b_working_estimate(
-    capture: SavedTensorCapture,
-    prompt_tokens: int,
+    per_token: float,
     batches: list[tuple[int, int]],
     kv_bytes: int,
     vocab: int,
     kv_copies: bool,
 ) -> int:
-    """Phase-B working set for the planner, before phase B has run: saved bytes per prompt
+    """Phase-B working set for the planner, before phase B has run: the prompt's saved bytes per
     token times the largest microbatch's tokens (``batches``: (rows, tokens) each, padding
     included), its rows' copies of the prompt K/V (twice: the concatenation and its transient;
     none when the kernel reads them in place), and its fp32 logits."""
-    per_token = capture.nbytes / max(prompt_tokens, 1)
     copies = 2 if kv_copies else 0
     return max(
         int(per_token * tokens) + copies * rows * kv_bytes + 8 * tokens * vocab
@@ -143,8 +141,13 @@ def _reuse_group(
         batches = pack_rows(lens, tokens_per_microbatch)
         shapes = [(len(b), len(b) * max(lens[i] for i in b)) for b in batches]
     shape_key = (P, attention.name, tuple(shapes))
+    kv_copies = attention.impl != "triton"
+
+    def b_working(per_token: float, kv_bytes: int) -> int:
+        return _b_working_estimate(per_token, shapes, kv_bytes, adapter.vocab_size, kv_copies)
+
     if offloader is not None:
-        offloader.begin_group(prompt_capture, shape_key)
+        offloader.begin_group(prompt_capture, shape_key, P - 1, b_working)
     try:
         # ---- Phase A: prompt forward once, keeping the graph. ----
         with (
@@ -166,15 +169,9 @@ def _reuse_group(
             kv_extra = held_bytes(prompt_capture, kv_flat) - prompt_capture.nbytes
             clock.sample("A", prompt_capture.peak_nbytes + kv_extra)
         if offloader is not None:
-            b_work = _b_working_estimate(
-                prompt_capture,
-                P - 1,
-                shapes,
-                cache.kv_bytes,
-                adapter.vocab_size,
-                kv_copies=attention.impl != "triton",
+            offloader.after_phase_a(
+                prompt_capture, kv_flat, shape_key, cache.nbytes, cache.kv_bytes, P - 1, b_working
             )
-            offloader.after_phase_a(prompt_capture, kv_flat, shape_key, cache.nbytes, b_work)
         held_prompt = held_bytes(prompt_capture, kv_flat)
         stats.prompt_kv_bytes = max(stats.prompt_kv_bytes, cache.kv_bytes)
         stats.grad_cache_bytes = max(stats.grad_cache_bytes, cache.nbytes)
