@@ -90,6 +90,9 @@ class Report:
                 f"exposed wait {e.exposed_wait_s * 1e3:.1f} ms"
                 f"{', streamed in phase A' if off.streamed else ''} (totals of this context)"
             )
+        if off is not None and off.predicted:
+            how = "replanned after phase A: the prediction missed" if off.mismatch else "exact"
+            lines.append(f"plan predicted from the last capture, rescaled ({how})")
         if off is not None and off.plan is not None:
             lines.append(str(off.plan))
         if s.router is not None:

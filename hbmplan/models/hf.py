@@ -193,7 +193,8 @@ class HFAdapter:
             raise ValueError(
                 f"Hugging Face gradient checkpointing must be off for the reuse schedule (it drops "
                 f"the K/V cache phase A fills), got it on in {len(checkpointed)} of "
-                f"{self.num_layers} layers: call model.gradient_checkpointing_disable(), and give "
+                f"{self.num_layers} layers: turn it off (model.activation_checkpointing_disable(), "
+                "or gradient_checkpointing_disable() on older transformers) and give "
                 "hbmplan.memory an hbm_budget to offload prompt activations instead"
             )
 

@@ -303,19 +303,28 @@ def _shapes(
     }
 
 
-def resolve_packed(attention: str, spec: ModelSpec, dtype: torch.dtype, target: Target) -> bool:
+def resolve_packed(
+    attention: str,
+    spec: ModelSpec,
+    dtype: torch.dtype,
+    target: Target,
+    grad_cache_dtype: str | torch.dtype | None = None,
+) -> bool:
     """Whether phase B runs packed rows through the Triton prefix-attention kernel, as
     :func:`hbmplan.schedules.reuse_step`'s ``attention=`` resolves: "auto" on CUDA when the
-    kernel takes the head dim and dtype; "triton" always; "padded" never. The kernel's PyTorch
-    reference ("reference", a CPU and testing path) has no byte model."""
+    kernel takes the head dim, the dtype and the gradient cache (fp32, the default for 16- and
+    32-bit models); "triton" always; "padded" never. The kernel's PyTorch reference
+    ("reference", a CPU and testing path) has no byte model."""
     modelled = tuple(a for a in ATTENTIONS if a != "reference")
     if attention not in modelled:
         raise ValueError(f"attention must be one of {modelled} for an estimate, got {attention!r}")
     if attention == "auto":
+        cache = to_dtype(grad_cache_dtype) if grad_cache_dtype is not None else torch.float32
         return (
             target == "cuda"
             and spec.head_dim in SUPPORTED_HEAD_DIMS
             and dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and cache == torch.float32
         )
     return attention == "triton"
 
@@ -392,7 +401,9 @@ def estimate_step(
         raise ValueError(f"target must be 'cpu' or 'cuda', got {target!r}")
     if tp < 1 or prefetch_layers < 1:
         raise ValueError(f"tp and prefetch_layers must be >= 1, got {tp} and {prefetch_layers}")
-    packed = schedule.startswith("reuse") and resolve_packed(attention, spec, dt, target)
+    packed = schedule.startswith("reuse") and resolve_packed(
+        attention, spec, dt, target, grad_cache_dtype
+    )
     b = _Bytes(spec, dt, target, tp, fused_gqa, packed)
     P, cuda = prompt_len, target == "cuda"
 

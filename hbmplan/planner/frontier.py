@@ -339,7 +339,9 @@ def frontier(
         offload_during_a: reuse+offload streams to the host during phase A (see ``estimate_step``).
         attention: the reuse schedules' phase-B attention, as ``reuse_step(attention=...)``:
             "auto" (the Triton prefix-attention kernel over packed rows on CUDA when it takes the
-            head dim and dtype), "triton", "reference" or "padded".
+            head dim, dtype and gradient-cache dtype), "triton" or "padded" (the kernel's
+            PyTorch reference has no byte model). Sliding windows are not modelled: a model
+            whose window is shorter than the context runs padded rows.
         max_prompt_len: upper end of the search.
     """
     from hbmplan.memory import parse_bytes
@@ -356,7 +358,7 @@ def frontier(
     _check_int("max_prompt_len", max_prompt_len, 2)
     if isinstance(schedules, str) or not schedules or any(x not in SCHEDULES for x in schedules):
         raise ValueError(f"schedules must be a non-empty list from {SCHEDULES}, got {schedules!r}")
-    resolve_packed(attention, spec, dt, target)  # checks the name before any search
+    resolve_packed(attention, spec, dt, target, grad_cache_dtype)  # checks it before a search
     if not 0.0 <= fragmentation < 1.0:
         raise ValueError(f"fragmentation must lie in [0, 1), got {fragmentation!r}")
     if not isinstance(shards, Shards):

@@ -26,8 +26,9 @@ def chunk_rows(
 
     Chunks hold [rows, V] in ``acc_itemsize`` bytes within :data:`LOGITS_BUDGET`. Chunking is
     chosen when it needs less memory than the plain formula, whose backward holds the
-    log-softmax and two gradients of it, N V (itemsize + 3 acc) bytes; chunks need
-    rows V (itemsize + 2 acc) plus the LM-head weight gradient accumulated in fp32 and cast,
+    log-softmax and two gradients of it, N V (itemsize + 3 acc) bytes; a chunk needs at most
+    rows V (itemsize + 2 acc) (the logits and their upcast in forward, the in-place gradient
+    and its cast in backward), plus the LM-head weight gradient accumulated in fp32 and cast,
     V h (acc + itemsize) bytes.
 
     Args:
@@ -67,6 +68,7 @@ class _ChunkedLogProbs(torch.autograd.Function):
             logits = F.linear(hidden[lo:hi], weight, bias).to(dtype)
             lse[lo:hi] = logits.logsumexp(-1)
             out[lo:hi] = logits.gather(-1, targets[lo:hi, None]).squeeze(-1) - lse[lo:hi]
+            del logits  # before the next chunk's
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk = chunk
         return out
@@ -84,9 +86,10 @@ class _ChunkedLogProbs(torch.autograd.Function):
         for lo in range(0, n, ctx.chunk):
             hi = min(lo + ctx.chunk, n)
             g = grad[lo:hi, None]
-            logits = F.linear(hidden[lo:hi], weight, bias).to(lse.dtype)
-            # d logsoftmax: onehot(target) g - softmax g, then back to the logits' dtype
-            dlogits = torch.exp(logits - lse[lo:hi, None]).mul_(-g)
+            # d logsoftmax: onehot(target) g - softmax g, in place on the chunk's logits (one
+            # [rows, V] buffer in the log-softmax dtype), then back to the weight's dtype
+            dlogits = F.linear(hidden[lo:hi], weight, bias).to(lse.dtype)
+            dlogits.sub_(lse[lo:hi, None]).exp_().mul_(-g)
             dlogits.scatter_add_(-1, targets[lo:hi, None], g)
             dlogits = dlogits.to(weight.dtype)
             if need_h:
@@ -95,6 +98,7 @@ class _ChunkedLogProbs(torch.autograd.Function):
                 dw.add_(dlogits.t() @ hidden[lo:hi])
             if need_b:
                 db.add_(dlogits.sum(0))
+            del dlogits  # before the next chunk's logits
         return (
             dh,
             dw.to(weight.dtype) if need_w else None,

@@ -14,6 +14,7 @@ from hbmplan.schedules.logprobs import chunk_rows, chunked_token_logprobs
 
 __all__ = [
     "LossFn",
+    "logprob_working_bytes",
     "microbatch_loss",
     "pack_rows",
     "pack_tokens",
@@ -119,6 +120,32 @@ def response_logprobs(
     return token_logprobs(adapter, picked, targets)
 
 
+def _plain_linear(head: object) -> bool:
+    """A head whose output is exactly ``F.linear(x, weight, bias)``: an ``nn.Linear`` itself (not
+    a subclass such as a quantized layer) with no hooks or parametrizations that its forward
+    would run and the chunked path would skip."""
+    return (
+        type(head) is nn.Linear
+        and not head._forward_hooks
+        and not head._forward_pre_hooks
+        and not hasattr(head, "parametrizations")
+    )
+
+
+def logprob_working_bytes(adapter: CausalLMAdapter, n_tokens: int, dtype: torch.dtype) -> int:
+    """Device bytes :func:`token_logprobs` of ``n_tokens`` tokens of a ``dtype`` model works in
+    (for the offload planner's phase-B estimate): the fp32 [N, V] log-softmax and its gradient,
+    or, chunked, one chunk's buffers and the head's fp32 weight gradient."""
+    acc = 8 if dtype == torch.float64 else 4
+    head = getattr(adapter, "lm_head", None)
+    if _plain_linear(head):
+        V, h = head.weight.shape
+        chunk = chunk_rows(n_tokens, V, h, dtype.itemsize, acc)
+        if chunk is not None:
+            return chunk * V * (dtype.itemsize + 2 * acc) + V * h * (acc + dtype.itemsize)
+    return 2 * acc * n_tokens * adapter.vocab_size
+
+
 def token_logprobs(
     adapter: CausalLMAdapter, picked: torch.Tensor, targets: Sequence[torch.Tensor]
 ) -> list[torch.Tensor]:
@@ -131,15 +158,17 @@ def token_logprobs(
 
     Returns:
         One tensor [S_b] per row, float32 (float64 for a float64 model), differentiable. When
-        the adapter exposes its ``lm_head`` (an ``nn.Linear``) and chunks need less memory than
-        the [N, V] log-softmax (:func:`hbmplan.schedules.logprobs.chunk_rows`), they are
-        computed in chunks (:func:`hbmplan.schedules.logprobs.chunked_token_logprobs`).
+        the adapter exposes its ``lm_head`` (a plain ``nn.Linear``: no subclass, hooks or
+        parametrizations), autocast is off, and chunks need less memory than the [N, V]
+        log-softmax (:func:`hbmplan.schedules.logprobs.chunk_rows`), they are computed in
+        chunks (:func:`hbmplan.schedules.logprobs.chunked_token_logprobs`).
     """
     dtype = torch.float64 if picked.dtype == torch.float64 else torch.float32
     tok = torch.cat(list(targets)).to(picked.device)
     head = getattr(adapter, "lm_head", None)
     chunk = None
-    if isinstance(head, nn.Linear):  # chunks when they need less memory: nothing [N, V] kept
+    if _plain_linear(head) and not torch.is_autocast_enabled(picked.device.type):
+        # chunks when they need less memory: nothing [N, V] kept
         V, h = head.weight.shape
         chunk = chunk_rows(picked.shape[0], V, h, picked.dtype.itemsize, dtype.itemsize)
     if chunk is None:

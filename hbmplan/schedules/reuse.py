@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -45,6 +45,7 @@ from hbmplan.schedules.attention import Attention, PhaseBAttention, resolve_atte
 from hbmplan.schedules.grad_cache import GradientCache
 from hbmplan.schedules.microbatch import (
     LossFn,
+    logprob_working_bytes,
     microbatch_loss,
     pack_rows,
     pack_tokens,
@@ -94,16 +95,16 @@ def _b_working_estimate(
     per_token: float,
     batches: list[tuple[int, int]],
     kv_bytes: int,
-    vocab: int,
+    logits_bytes: Callable[[int], int],
     kv_copies: bool,
 ) -> int:
     """Phase-B working set for the planner, before phase B has run: the prompt's saved bytes per
     token times the largest microbatch's tokens (``batches``: (rows, tokens) each, padding
     included), its rows' copies of the prompt K/V (twice: the concatenation and its transient;
-    none when the kernel reads them in place), and its fp32 logits."""
+    none when the kernel reads them in place), and its log-probs' ``logits_bytes(tokens)``."""
     copies = 2 if kv_copies else 0
     return max(
-        int(per_token * tokens) + copies * rows * kv_bytes + 8 * tokens * vocab
+        int(per_token * tokens) + copies * rows * kv_bytes + logits_bytes(tokens)
         for rows, tokens in batches
     )
 
@@ -142,9 +143,13 @@ def _reuse_group(
         shapes = [(len(b), len(b) * max(lens[i] for i in b)) for b in batches]
     shape_key = (P, attention.name, tuple(shapes))
     kv_copies = attention.impl != "triton"
+    dtype = model_dtype(adapter)
+
+    def logits_bytes(tokens: int) -> int:
+        return logprob_working_bytes(adapter, tokens, dtype)
 
     def b_working(per_token: float, kv_bytes: int) -> int:
-        return _b_working_estimate(per_token, shapes, kv_bytes, adapter.vocab_size, kv_copies)
+        return _b_working_estimate(per_token, shapes, kv_bytes, logits_bytes, kv_copies)
 
     if offloader is not None:
         offloader.begin_group(prompt_capture, shape_key, P - 1, b_working)

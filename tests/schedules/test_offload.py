@@ -48,6 +48,7 @@ def test_offload_all_is_bitwise_same_as_without(kind, dtype):
     # a new shape streams too, with a plan predicted from the last capture, which was exact
     assert new_shape.offload.streamed and new_shape.offload.predicted
     assert not new_shape.offload.mismatch
+    assert "plan predicted from the last capture, rescaled (exact)" in str(box["mem"].report())
     # everything dormant was offloaded: phase B holds much less than without offload
     _, plain = _steps(model, [groups], offload="off")
     assert second.phases["B"].peak_bytes < 0.7 * plain["stats"][0].phases["B"].peak_bytes
