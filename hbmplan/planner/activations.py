@@ -449,8 +449,6 @@ def estimate_step(
     # A peaks as its forward ends, everything saved (the discarded hidden states' branch dies
     # only then); on CUDA the gradient cache is allocated after that branch is freed.
     full = b.layers(1, Pm, 0) - kv + b.outside_layers(1, Pm, P * 8)
-    if not cuda:  # reuse_step's CPU sample adds the last layer's K/V, freed from its capture
-        full += b.kv(Pm)
     a = PhaseBytes(prompt_activations=full, prompt_kv=kv, workspace=fwd_ws)
     if cuda:
         a = max(a, PhaseBytes(prompt_activations=graph, prompt_kv=kv, grad_cache=cache), key=_total)

@@ -27,7 +27,7 @@ from hbmplan.planner.capture import SavedStorage, SavedTensorCapture, storage_ke
 from hbmplan.planner.lifetimes import Lifetime, classify, rescale
 from hbmplan.planner.plan import Plan, PlanInputs, Rates, make_plan
 
-__all__ = ["OffloadMode", "OffloadReport", "PromptOffloader"]
+__all__ = ["OffloadMode", "OffloadReport", "PromptOffloader", "held_bytes", "unrecorded_bytes"]
 
 OffloadMode = Literal["auto", "off", "all"]
 _ALIGN_SLACK = 512  # the pool's block alignment: worst-case padding per block
@@ -313,6 +313,20 @@ class PromptOffloader:
         if self._pool is not None:
             self._pool.close()
             self._pool = None
+
+
+def unrecorded_bytes(capture: SavedTensorCapture, tensors: Sequence[torch.Tensor]) -> int:
+    """Bytes of the storages of ``tensors`` that the capture never recorded (counted once each):
+    what a phase holds beside its saved tensors. A storage the capture recorded and has since
+    dropped (the last layer's K/V, saved by its attention until the discarded hidden states'
+    branch died) was in the capture's peak already."""
+    recorded = {rec.key for rec in capture.records}
+    extra = {}
+    for t in tensors:
+        key = storage_key(t)
+        if key not in recorded:
+            extra[key] = t.untyped_storage().nbytes()
+    return sum(extra.values())
 
 
 def held_bytes(capture: SavedTensorCapture | None, tensors: Sequence[torch.Tensor]) -> int:

@@ -55,7 +55,7 @@ from hbmplan.schedules.microbatch import (
     token_logprobs,
     unpack_rows,
 )
-from hbmplan.schedules.offload import PromptOffloader, held_bytes
+from hbmplan.schedules.offload import PromptOffloader, held_bytes, unrecorded_bytes
 from hbmplan.schedules.router import (
     PrefixRouterLeaves,
     RouterLoss,
@@ -171,7 +171,7 @@ def _reuse_group(
         # what phase B reads: the K/V, and a MoE prompt's routing sums
         kv_flat = [t for kv in cache.prompt_kv for t in kv] + (leaves.tensors if leaves else [])
         if prompt_capture is not None:  # phase A's peak: before any offload after it
-            kv_extra = held_bytes(prompt_capture, kv_flat) - prompt_capture.nbytes
+            kv_extra = unrecorded_bytes(prompt_capture, kv_flat)
             clock.sample("A", prompt_capture.peak_nbytes + kv_extra)
         if offloader is not None:
             offloader.after_phase_a(
