@@ -1,14 +1,15 @@
 """Carries out plans in the reuse schedule: dormant prompt activations go to a host pool during
 phases A/B and come back, in reverse layer order, just ahead of phase C's backward.
 
-The first step of a context captures phase A whole, plans from the measured lifetimes, and
-offloads right after phase A (so that step's phase-A peak is the no-offload one). Later steps
-stream: at each layer boundary of phase A the planned storages of the finished layer are copied
-out, and the forward waits for copies more than ``offload_lag`` layers old, so phase A's peak
-follows the plan too. A step of a shape seen before reuses its plan; a step of a new shape (GRPO
-prompts and responses change length every step) plans before phase A from the last capture
-rescaled to its prompt length (:func:`hbmplan.planner.lifetimes.rescale`), and checks the
-prediction against its own capture after phase A.
+Every step streams: at each layer boundary of phase A the planned storages of the finished layer
+are copied out, and the forward waits for copies more than ``offload_lag`` layers old, so phase
+A's peak follows the plan too. A step of a shape seen before reuses its plan; a step of a new
+shape (GRPO prompts and responses change length every step) plans before phase A from the last
+capture rescaled to its prompt length (:func:`hbmplan.planner.lifetimes.rescale`), and checks
+the prediction against its own capture after phase A (replanning on a miss). Before the first
+long prompt of a context there is no capture yet: the schedule runs a short probe forward of
+:data:`PROBE_TOKENS` prompt tokens (:meth:`PromptOffloader.wants_probe`, :meth:`learn`), whose
+capture is rescaled like any other.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ from hbmplan.planner.plan import Plan, PlanInputs, Rates, make_plan
 __all__ = ["OffloadMode", "OffloadReport", "PromptOffloader", "held_bytes", "unrecorded_bytes"]
 
 OffloadMode = Literal["auto", "off", "all"]
+
+PROBE_TOKENS = 127
+"""Prompt tokens of the probe forward: short, and (odd, prime) unlikely to equal a model dim,
+which the rescaling would take for the sequence dim."""
 _ALIGN_SLACK = 512  # the pool's block alignment: worst-case padding per block
 
 
@@ -96,6 +101,36 @@ class PromptOffloader:
         return self.mode == "all" or self.budget is not None
 
     # -- phase A -------------------------------------------------------------------------------
+    def wants_probe(self, prompt_tokens: int) -> bool:
+        """Whether the schedule should run a probe forward before a prompt of ``prompt_tokens``
+        (P - 1): offload is on, no capture is known yet, and the prompt is long enough that
+        streaming its first step matters (over twice :data:`PROBE_TOKENS`)."""
+        return (
+            self.mode != "off"
+            and self.active
+            and self._template is None
+            and prompt_tokens > 2 * PROBE_TOKENS
+        )
+
+    def learn(
+        self,
+        capture: SavedTensorCapture,
+        prompt_kv: Sequence[torch.Tensor],
+        grad_cache_bytes: int,
+        kv_bytes: int,
+        prompt_tokens: int,
+    ) -> None:
+        """Keep a capture of a prompt forward of ``prompt_tokens`` tokens (the probe) as the
+        template the next steps' plans are predicted from."""
+        records = capture.live_records()
+        self._template = _Template(
+            prompt_tokens,
+            classify(records, prompt_kv),
+            {r.id: (r.shape, math.prod(r.shape) * r.dtype.itemsize) for r in records},
+            grad_cache_bytes,
+            kv_bytes,
+        )
+
     def begin_group(
         self,
         capture: SavedTensorCapture,
@@ -186,15 +221,8 @@ class PromptOffloader:
         ``kv_bytes``: the prompt K/V (all layers); ``b_working`` as for :meth:`begin_group`.
         Raises ``BudgetError`` when no plan fits."""
         capture.on_layer_start = None
-        records = capture.live_records()  # offloaded ones included
-        lifetimes = classify(records, prompt_kv)
-        self._template = _Template(
-            prompt_tokens,
-            lifetimes,
-            {r.id: (r.shape, math.prod(r.shape) * r.dtype.itemsize) for r in records},
-            grad_cache_bytes,
-            kv_bytes,
-        )
+        self.learn(capture, prompt_kv, grad_cache_bytes, kv_bytes, prompt_tokens)
+        lifetimes = self._template.lifetimes
         total = sum(lt.nbytes for lt in lifetimes)
         b_working_bytes = b_working(total / prompt_tokens, kv_bytes)
         last = {lt.id: lt.layer for lt in lifetimes}

@@ -42,7 +42,7 @@ from hbmplan.models.adapter import (
 from hbmplan.models.packed import cu_seqlens_for
 from hbmplan.planner.capture import SavedTensorCapture
 from hbmplan.schedules.attention import Attention, PhaseBAttention, resolve_attention
-from hbmplan.schedules.grad_cache import GradientCache
+from hbmplan.schedules.grad_cache import GradientCache, accumulation_dtype
 from hbmplan.schedules.microbatch import (
     LossFn,
     logprob_working_bytes,
@@ -55,7 +55,12 @@ from hbmplan.schedules.microbatch import (
     token_logprobs,
     unpack_rows,
 )
-from hbmplan.schedules.offload import PromptOffloader, held_bytes, unrecorded_bytes
+from hbmplan.schedules.offload import (
+    PROBE_TOKENS,
+    PromptOffloader,
+    held_bytes,
+    unrecorded_bytes,
+)
 from hbmplan.schedules.router import (
     PrefixRouterLeaves,
     RouterLoss,
@@ -109,6 +114,36 @@ def _b_working_estimate(
     )
 
 
+def _probe(
+    adapter: CausalLMAdapter,
+    group: Group,
+    offloader: PromptOffloader,
+    exclude: list[torch.Tensor],
+    grad_cache_dtype: torch.dtype | None,
+    routed: bool,
+) -> None:
+    """A forward of the prompt's first :data:`PROBE_TOKENS` tokens, captured and discarded (no
+    backward, RNG state restored), so that the first long prompt of a context can plan, and
+    stream, before its own phase A."""
+    n = PROBE_TOKENS
+    device = group.prompt.device
+    capture = SavedTensorCapture(exclude, adapter.layers)
+    kwargs = {"router_logits": []} if routed else {}
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), capture.phase("A"):
+            # the real phase A reads all but the last of P tokens: the same storage layout
+            ids = group.prompt[: n + 1].clone()[None, :-1]
+            kvs = adapter.prompt_kv(ids, torch.arange(n, device=device)[None], **kwargs)
+        kv_flat = [t for kv in kvs for t in kv]
+        kv_bytes = sum(t.nbytes for t in kv_flat)
+        cache_dtype = grad_cache_dtype or accumulation_dtype(kv_flat[0].dtype)
+        grad_cache_bytes = sum(t.numel() for t in kv_flat) * cache_dtype.itemsize
+        offloader.learn(capture, kv_flat, grad_cache_bytes, kv_bytes, n)
+    finally:
+        capture.release()
+
+
 def _reuse_group(
     adapter: CausalLMAdapter,
     group: Group,
@@ -152,6 +187,8 @@ def _reuse_group(
         return _b_working_estimate(per_token, shapes, kv_bytes, logits_bytes, kv_copies)
 
     if offloader is not None:
+        if offloader.wants_probe(P - 1):
+            _probe(adapter, group, offloader, exclude, grad_cache_dtype, router is not None)
         offloader.begin_group(prompt_capture, shape_key, P - 1, b_working)
     try:
         # ---- Phase A: prompt forward once, keeping the graph. ----

@@ -87,6 +87,30 @@ def test_predicted_plans_match_the_capture_of_every_new_prompt_length(lengths, k
         assert kind == "moe" or not stats.offload.mismatch
 
 
+@pytest.mark.parametrize("kind", ["reference", "Qwen3"])
+def test_first_long_prompt_streams_from_a_probe(kind):
+    """No capture before the first step: a short probe forward gives one, so even the first
+    step of a context streams in phase A (and its phase-A peak drops)."""
+    if kind == "reference":
+        model = tiny_reference(torch.float32, layers=3)
+    else:
+        model = tiny_hf("Qwen3", torch.float32)
+        model.config.max_position_embeddings = 512  # RoPE is computed for any position
+    steps = [[random_group(300, [5, 9], seed=7, dtype=torch.float32)]]
+    rng = torch.get_rng_state()
+    base, plain = _steps(model, steps, offload="off")
+    moved, box = _steps(model, steps, offload="all")
+    assert _equal(moved, base)
+    (first,) = box["stats"]
+    assert first.offload.predicted and first.offload.streamed and not first.offload.mismatch
+    assert first.phases["A"].peak_bytes < 0.8 * plain["stats"][0].phases["A"].peak_bytes
+    torch.set_rng_state(rng)
+    _, short = _steps(
+        model, [[random_group(40, [5, 9], seed=7, dtype=torch.float32)]], offload="all"
+    )
+    assert not short["stats"][0].offload.predicted  # short prompts need no probe
+
+
 def test_a_missed_prediction_replans_and_stays_bitwise_same(monkeypatch):
     model = tiny_reference(torch.float32, layers=3)
     steps = [[random_group(P, [4, 6], seed=P, dtype=torch.float32)] for P in (30, 45, 45)]
