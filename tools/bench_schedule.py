@@ -46,8 +46,10 @@ def main() -> None:
     ap.add_argument("--reuse-tokens", type=int, default=4096,
                     help="reuse response packing budget (packed: total tokens; padded: rows x "
                          "longest row)")  # fmt: skip
-    ap.add_argument("--attention", default="auto", choices=("auto", "triton", "reference", "padded"),
-                    help="reuse phase-B attention (auto: the Triton kernel on CUDA)")  # fmt: skip
+    ap.add_argument("--attention", nargs="+", default=["auto"],
+                    choices=("auto", "triton", "reference", "padded"),
+                    help="reuse phase-B attention(s), each a row per cell (auto: the Triton "
+                         "kernel on CUDA); e.g. --attention auto padded")  # fmt: skip
     args = ap.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -57,35 +59,39 @@ def main() -> None:
     shape = ModelShape.of(model)
     loss_fn = hbmplan.losses.PolicyLoss()
     rows, table = [], []
+    gib = lambda b: f"{b / 2**30:.2f}" if b is not None else "-"  # noqa: E731
     for P0, S0, G in GRID:
         P, S = P0 // scale, S0 // scale
         group = make_group(P, S, G, cfg.vocab_size, device)
-        mem = hbmplan.memory(
-            model, tokens_per_microbatch=args.reuse_tokens // scale, attention=args.attention
-        )
 
         def dense(group=group):
             dense_step(model, [group], loss_fn, args.dense_tokens)
             model.zero_grad(set_to_none=True)
 
-        def reuse(group=group, mem=mem):
-            with mem:
-                mem.step([group], loss_fn)
-            model.zero_grad(set_to_none=True)
-
         t_d, peak_d = time_median(dense, device, args.repeats)
-        t_r, peak_r = time_median(reuse, device, args.repeats)
         ideal = flop_ideal_speedup(shape, P, [S] * G)
-        speedup = t_d / t_r
-        gib = lambda b: f"{b / 2**30:.2f}" if b is not None else "-"  # noqa: E731
-        attention = mem.report().last.attention
-        row = dict(P=P, S=S, G=G, attention=attention, dense_ms=t_d * 1e3, reuse_ms=t_r * 1e3, dense_peak_bytes=peak_d,
-                   reuse_peak_bytes=peak_r, speedup=speedup, flop_ideal=ideal,
-                   pct_of_ideal=100 * speedup / ideal)  # fmt: skip
-        rows.append(row)
-        table.append([P, S, G, attention, f"{t_d * 1e3:.1f}", f"{t_r * 1e3:.1f}", gib(peak_d), gib(peak_r),
-                      f"{speedup:.2f}x", f"{ideal:.2f}x", f"{row['pct_of_ideal']:.0f}%"])  # fmt: skip
-        print(f"P={P} S={S} G={G}: {speedup:.2f}x of {ideal:.2f}x", flush=True)
+        for choice in args.attention:
+            mem = hbmplan.memory(
+                model, tokens_per_microbatch=args.reuse_tokens // scale, attention=choice
+            )
+
+            def reuse(group=group, mem=mem):
+                with mem:
+                    mem.step([group], loss_fn)
+                model.zero_grad(set_to_none=True)
+
+            t_r, peak_r = time_median(reuse, device, args.repeats)
+            attention = mem.report().last.attention
+            speedup = t_d / t_r
+            row = dict(P=P, S=S, G=G, attention=attention, dense_ms=t_d * 1e3,
+                       reuse_ms=t_r * 1e3, dense_peak_bytes=peak_d, reuse_peak_bytes=peak_r,
+                       speedup=speedup, flop_ideal=ideal,
+                       pct_of_ideal=100 * speedup / ideal)  # fmt: skip
+            rows.append(row)
+            table.append([P, S, G, attention, f"{t_d * 1e3:.1f}", f"{t_r * 1e3:.1f}", gib(peak_d),
+                          gib(peak_r), f"{speedup:.2f}x", f"{ideal:.2f}x",
+                          f"{row['pct_of_ideal']:.0f}%"])  # fmt: skip
+            print(f"P={P} S={S} G={G} {attention}: {speedup:.2f}x of {ideal:.2f}x", flush=True)
     header = ["P", "S", "G", "attention", "dense ms", "reuse ms", "dense peak GiB", "reuse peak GiB",
               "speedup", "FLOP-ideal", "% of ideal"]  # fmt: skip
     md = markdown_table(header, table)

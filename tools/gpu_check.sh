@@ -10,8 +10,8 @@ python -c "import torch, triton, transformers; print('torch', torch.__version__,
 status=0
 timeout 240 python -m pytest -q -m gpu tests || status=1
 if [ "${1:-}" != "quick" ]; then
-  timeout 240 python tools/bench_schedule.py --repeats 3 || status=1
-  timeout 180 python tools/bench_offload.py --repeats 2 || status=1
+  timeout 300 python tools/bench_schedule.py --repeats 3 --attention auto padded || status=1
+  timeout 150 python tools/bench_offload.py --repeats 2 || status=1
   [ -f tools/bench_attention.py ] && { timeout 180 python tools/bench_attention.py || status=1; }
 fi
 ls -l benchmarks/results/ 2>/dev/null
