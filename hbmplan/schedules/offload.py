@@ -15,6 +15,7 @@ capture is rescaled like any other.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -36,6 +37,7 @@ PROBE_TOKENS = 127
 """Prompt tokens of the probe forward: short, and (odd, prime) unlikely to equal a model dim,
 which the rescaling would take for the sequence dim."""
 _ALIGN_SLACK = 512  # the pool's block alignment: worst-case padding per block
+_MAX_PLANS = 64  # plans kept per context (shapes not seen for a while are predicted again)
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,8 @@ class PromptOffloader:
     ) -> None:
         self.device, self.budget, self.mode = device, budget, mode
         self.rates = rates or Rates()
-        self._plans: dict[tuple, tuple[Plan, dict[int, int | None]]] = {}
+        # plans by shape, least recently used first (GRPO shapes rarely repeat: kept bounded)
+        self._plans: OrderedDict[tuple, tuple[Plan, dict[int, int | None]]] = OrderedDict()
         self._pool: HostPool | None = None
         self._engine: OffloadEngine | None = None
         self._handles: list[tuple[int | None, OffloadHandle]] = []
@@ -144,6 +147,8 @@ class PromptOffloader:
         self._handles, self._plan, self._predicted = [], None, None
         self._streamed = self._was_predicted = self._mismatch = False
         cached = self._plans.get(shape_key)
+        if cached is not None:
+            self._plans.move_to_end(shape_key)
         if cached is None and self._template is not None:
             cached = self._predict(prompt_tokens, b_working)
         if cached is not None:
@@ -233,13 +238,13 @@ class PromptOffloader:
             plan, self._mismatch = None, True  # replan from the real capture
         if plan is None:
             plan = self._plan = self._make_plan(lifetimes, grad_cache_bytes, b_working_bytes)
-            self._plans[shape_key] = (plan, last)
+            self._remember(shape_key, plan, last)
         elif set(plan.decisions) != set(last):
             # the capture differs from the step that made the plan: run this step on it as it
             # is (unknown storages stay) and replan from the next step's own capture
             self._plans.pop(shape_key, None)
         elif self._predicted is not None:
-            self._plans[shape_key] = (plan, last)  # the prediction was exact
+            self._remember(shape_key, plan, last)  # the prediction was exact
         self._predicted = None
         if plan.offload_bytes == 0:
             return lifetimes
@@ -273,6 +278,12 @@ class PromptOffloader:
             mode="all" if self.mode == "all" else "auto",
         )
         return make_plan(inputs)
+
+    def _remember(self, shape_key: tuple, plan: Plan, last: dict[int, int | None]) -> None:
+        self._plans[shape_key] = (plan, last)
+        self._plans.move_to_end(shape_key)
+        while len(self._plans) > _MAX_PLANS:
+            self._plans.popitem(last=False)
 
     @staticmethod
     def _pool_need(plan: Plan) -> int:

@@ -222,3 +222,13 @@ def test_host_pool_exhausted_mid_step_restores_grads_and_releases_the_pool(monke
         monkeypatch.setattr(offload_mod, "HostPool", real_pool)
         mem.step(groups, pg_loss)  # the context recovers: a fresh pool, a full step
     assert mem.report().failed_steps == 1 and mem.report().steps == 1
+
+
+def test_plans_kept_per_context_are_bounded(monkeypatch):
+    monkeypatch.setattr(offload_mod, "_MAX_PLANS", 2)
+    model = tiny_reference(torch.float32, layers=2)
+    steps = [[random_group(P, [3, 4], seed=P, dtype=torch.float32)] for P in (20, 26, 31, 20)]
+    _, box = _steps(model, steps, offload="all")
+    plans = box["mem"]._offloader._plans
+    assert len(plans) == 2  # the two most recent shapes; P=20 came back as a prediction
+    assert box["stats"][3].offload.predicted
