@@ -282,7 +282,11 @@ def test_sliding_window_shorter_than_context_refuses_packed_rows():
 
 def test_hf_gradient_checkpointing_is_refused_before_any_state_changes():
     model = tiny_hf("Llama")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}  # transformers renamed the method and its argument
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.train()
     groups = [random_group(9, [3, 4])]
     for p in model.parameters():
