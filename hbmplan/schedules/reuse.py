@@ -231,7 +231,10 @@ def _reuse_group(
                 with mb_capture.phase("B") if mb_capture else contextlib.nullcontext():
                     if attention.packed:
                         ids, pos = packed_rows(seqs, P - 1)
-                        cu = cu_seqlens_for(lengths, device)
+                        # the reference reads the bounds on the host: keep them there (no sync)
+                        cu = cu_seqlens_for(
+                            lengths, device if attention.impl == "triton" else "cpu"
+                        )
                         prefix = cache.packed(cu, max(lengths), attention.impl, deterministic)
                         hidden = adapter.response_hidden(ids, pos, prefix, **routed)
                         logprobs = token_logprobs(adapter, hidden[0], targets)
