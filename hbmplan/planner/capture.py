@@ -4,10 +4,11 @@
 in a store it owns and hands autograd a small ticket object. Owning the store (instead of handing
 the tensor back) avoids the reference cycle ``tensor -> grad_fn -> packed tensor`` that an
 identity pack hook creates for saved outputs (the store keeps detached aliases), and it is the
-seam offload uses: a stored tensor
-can be swapped for a host copy and fetched back at its unpack. When autograd drops a ticket (its
-node ran backward, or the graph branch died) the store drops the tensor too, so lifetimes are
-exactly autograd's.
+seam offload and recompute use: a stored tensor can be swapped for a host copy and fetched back
+at its unpack, or dropped and rebuilt at its unpack by replaying its decoder layer (the layer's
+call is kept, and the replay's saved tensors fill the dropped entries in save order). When
+autograd drops a ticket (its node ran backward, or the graph branch died) the store drops the
+tensor too, so lifetimes are exactly autograd's.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 
 from hbmplan.allocator.engine import OffloadEngine, OffloadHandle
 from hbmplan.allocator.views import TensorMeta, rebuild
+from hbmplan.planner.replay import Dropped, LayerCall, rng_state, set_rng_state, without_cache
 
 __all__ = ["SavedStorage", "SavedTensorCapture", "storage_key"]
 
@@ -51,6 +53,8 @@ class SavedStorage:
         tickets: ids of the live tickets autograd holds for tensors in this storage.
         offloaded: its bytes are on the host (through an offload engine).
         freed: autograd dropped every ticket: the capture no longer holds it.
+        recomputed: dropped after its layer's forward; phase C's first unpack of any tensor of
+            the layer replays the layer to rebuild it (see :meth:`SavedTensorCapture.drop`).
     """
 
     id: int
@@ -66,6 +70,7 @@ class SavedStorage:
     tickets: set[int] = field(default_factory=set)
     offloaded: bool = False
     freed: bool = False
+    recomputed: bool = False
 
 
 class _Ticket:
@@ -112,6 +117,12 @@ class SavedTensorCapture:
         self._layer: int | None = None
         self._engine: OffloadEngine | None = None
         self._reloaded: dict[int, torch.UntypedStorage] = {}
+        self._layer_tickets: dict[int, list[int]] = {}  # tickets saved inside each layer, in order
+        self._in_layer = False
+        self._calls: dict[int, LayerCall] = {}
+        self.replay_layers: set[int] = set()
+        """Layers whose calls are kept so that :meth:`drop` may drop their saved tensors (set
+        before the forward)."""
         self.nbytes = 0
         """Bytes of the distinct storages the capture holds on the device now."""
         self.peak_nbytes = 0
@@ -148,6 +159,11 @@ class SavedTensorCapture:
             self.peak_nbytes = max(self.peak_nbytes, self.nbytes)
         if self._layer is not None:
             rec.last_layer = self._layer
+        if self._in_layer:
+            packs = self._layer_tickets.setdefault(self._layer, [])
+            if not packs:
+                self._check_checkpoint(self._layer, t)
+            packs.append(ticket.id)
         rec.tickets.add(ticket.id)
         self._ticket_record[ticket.id] = rec
         weakref.finalize(ticket, self._drop_ticket, ticket.id)
@@ -162,6 +178,9 @@ class SavedTensorCapture:
                 "release() must come after the backward of the captured graph"
             )
         entry = self._store[ticket.id]
+        if isinstance(entry, Dropped):
+            self._replay(entry.layer)
+            entry = self._store[ticket.id]
         if not isinstance(entry, _Offloaded):
             return entry
         # The first unpack of an offloaded storage fetches it; its other views reuse the copy
@@ -191,12 +210,100 @@ class SavedTensorCapture:
             self._engine.discard(entry.handle)  # a dead branch: its host copy is not needed
 
     def _enter_layer(self, index: int):
-        def hook(_module, _args):
+        def hook(module, args, kwargs):
             if self.on_layer_start is not None:
                 self.on_layer_start(index)
-            self._layer = index
+            self._layer, self._in_layer = index, True
+            if index in self.replay_layers and args and isinstance(args[0], torch.Tensor):
+                self._calls[index] = LayerCall(
+                    module, (None, *args[1:]), without_cache(kwargs), args[0].dtype, args[0],
+                    rng_state(args[0].device),
+                )  # fmt: skip
 
         return hook
+
+    def _leave_layer(self, _module, _args, _output) -> None:
+        self._in_layer = False
+
+    def _check_checkpoint(self, layer: int, t: torch.Tensor) -> None:
+        """A layer is replayable when its first saved tensor is its input (or its input cast,
+        as a norm that computes in fp32 saves): the replay restarts from that tensor."""
+        call = self._calls.get(layer)
+        if call is None or call.x is None:
+            return
+        x, call.x = call.x, None
+        call.replayable = t.shape == x.shape and torch.equal(t.detach().to(x.dtype), x.detach())
+
+    # -- recompute -----------------------------------------------------------------------------
+    def drop(self, rec: SavedStorage) -> bool:
+        """Free storage ``rec`` now and rebuild it in phase C by replaying its layer (from the
+        layer's first saved tensor, which must be kept or offloaded). Only storages saved inside
+        one replayable layer in :attr:`replay_layers`, other than that first tensor, qualify;
+        returns whether ``rec`` was dropped."""
+        layer = rec.last_layer
+        call = self._calls.get(layer)
+        packs = self._layer_tickets.get(layer, [])
+        if (
+            call is None
+            or not call.replayable
+            or rec.offloaded
+            or rec.freed
+            or rec.recomputed
+            or not rec.tickets <= set(packs[1:])
+            or self._ticket_record.get(packs[0]) is rec
+        ):
+            return False
+        for ticket in rec.tickets:
+            self._store[ticket] = Dropped(layer, TensorMeta.of(self._store[ticket]))
+        rec.recomputed = True
+        self._leave_device(rec)
+        return True
+
+    def _replay(self, layer: int) -> None:
+        """Rerun ``layer``'s forward from its checkpoint; its dropped tensors take the saved
+        tensors of the replay, matched by save order (checked by shape and dtype)."""
+        call, packs = self._calls[layer], self._layer_tickets[layer]
+        x = self._unpack(_Ticket(packs[0])).detach().to(call.x_dtype).requires_grad_()
+        count = 0
+
+        def pack(t: torch.Tensor):
+            nonlocal count
+            if storage_key(t) in self._exclude:
+                return None
+            if count < len(packs):
+                entry = self._store.get(packs[count])
+                if isinstance(entry, Dropped):
+                    if (tuple(t.shape), t.dtype) != (entry.meta.size, entry.meta.dtype):
+                        raise RuntimeError(
+                            f"replay of layer {layer} saved {tuple(t.shape)} {t.dtype} as its "
+                            f"tensor {count}; the forward saved {entry.meta.size} "
+                            f"{entry.meta.dtype}"
+                        )
+                    self._restore(packs[count], t.detach())
+            count += 1
+            return None
+
+        def unpack(_):
+            raise RuntimeError("the replay's own graph is never differentiated")
+
+        devices = [x.device] if x.is_cuda else []
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            set_rng_state(call.rng, x.device)
+            with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+                call.module(x, *call.args[1:], **call.kwargs)
+        if count != len(packs):
+            raise RuntimeError(
+                f"replay of layer {layer} saved {count} tensors; its forward saved {len(packs)}"
+            )
+
+    def _restore(self, ticket: int, t: torch.Tensor) -> None:
+        self._store[ticket] = t
+        rec = self._ticket_record[ticket]
+        if rec.recomputed:  # the first of its views back: the storage is on the device again
+            rec.recomputed, rec.key = False, storage_key(t)
+            self._on_device[rec.key] = rec
+            self.nbytes += rec.nbytes
+            self.peak_nbytes = max(self.peak_nbytes, self.nbytes)
 
     # -- public --------------------------------------------------------------------------------
     @contextmanager
@@ -204,10 +311,11 @@ class SavedTensorCapture:
         """Capture the tensors saved inside the block, labelled with phase ``name``."""
         handles = []
         if self._layers is not None:
-            handles = [
-                layer.register_forward_pre_hook(self._enter_layer(i))
-                for i, layer in enumerate(self._layers)
-            ]
+            for i, layer in enumerate(self._layers):
+                handles.append(
+                    layer.register_forward_pre_hook(self._enter_layer(i), with_kwargs=True)
+                )
+                handles.append(layer.register_forward_hook(self._leave_layer))
         self._phase, self._layer = name, None
         try:
             with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
@@ -215,7 +323,7 @@ class SavedTensorCapture:
         finally:
             for h in handles:
                 h.remove()
-            self._layer = None
+            self._layer, self._in_layer = None, False
 
     @property
     def storages(self) -> dict[tuple[str, int], SavedStorage]:
@@ -264,6 +372,8 @@ class SavedTensorCapture:
         self._ticket_record.clear()
         self._on_device.clear()
         self._reloaded.clear()
+        self._calls.clear()
+        self._layer_tickets.clear()
         self.records = []
         self._engine = None
         self.nbytes = self.peak_nbytes = 0

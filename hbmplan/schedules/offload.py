@@ -6,7 +6,9 @@ are copied out, and the forward waits for copies more than ``offload_lag`` layer
 A's peak follows the plan too. A step of a shape seen before reuses its plan; a step of a new
 shape (GRPO prompts and responses change length every step) plans before phase A from the last
 capture rescaled to its prompt length (:func:`hbmplan.planner.lifetimes.rescale`), and checks
-the prediction against its own capture after phase A (replanning on a miss). Before the first
+the prediction against its own capture after phase A (replanning on a miss). Plans made before
+phase A may recompute: the planned layers' saved tensors are dropped after their forward and
+rebuilt by replaying the layer in phase C (:meth:`SavedTensorCapture.drop`). Before the first
 long prompt of a context there is no capture yet: the schedule runs a short probe forward of
 :data:`PROBE_TOKENS` prompt tokens (:meth:`PromptOffloader.wants_probe`, :meth:`learn`), whose
 capture is rescaled like any other.
@@ -65,7 +67,8 @@ class _Template:
     lifetimes: list[Lifetime]
     tensors: dict[int, tuple[tuple[int, ...], int]]
     """Per storage id: shape and bytes of its first saved tensor."""
-    grad_cache_bytes: int
+    hot_extra_bytes: int
+    """Hot device bytes outside the lifetimes: the gradient cache, K/V no live record holds."""
     kv_bytes: int
 
 
@@ -126,11 +129,14 @@ class PromptOffloader:
         """Keep a capture of a prompt forward of ``prompt_tokens`` tokens (the probe) as the
         template the next steps' plans are predicted from."""
         records = capture.live_records()
+        # hot bytes outside the lifetimes: K/V no live record holds (the last layer's, whose
+        # saving branch died with the discarded hidden states) and the gradient cache
+        outside = held_bytes(capture, prompt_kv) - capture.nbytes
         self._template = _Template(
             prompt_tokens,
             classify(records, prompt_kv),
             {r.id: (r.shape, math.prod(r.shape) * r.dtype.itemsize) for r in records},
-            grad_cache_bytes,
+            grad_cache_bytes + outside,
             kv_bytes,
         )
 
@@ -153,9 +159,12 @@ class PromptOffloader:
             cached = self._predict(prompt_tokens, b_working)
         if cached is not None:
             self._plan, last = cached
-            self._streamed = self._plan.offload_bytes > 0
-            if self._streamed:
+            recompute = {last.get(i) for i, d in self._plan.decisions.items() if d == "recompute"}
+            capture.replay_layers = recompute - {None}
+            self._streamed = self._plan.offload_bytes > 0 or bool(capture.replay_layers)
+            if self._plan.offload_bytes > 0:
                 self._ensure_engine(self._plan, margin=1.25 if self._predicted else 1.0)
+            if self._streamed:
                 capture.on_layer_start = self._streamer(
                     capture, self._plan, last, best_effort=self._predicted is not None
                 )
@@ -168,10 +177,12 @@ class PromptOffloader:
         t = self._template
         lifetimes = rescale(t.lifetimes, t.tensors, t.prompt_tokens, prompt_tokens)
         total = sum(lt.nbytes for lt in lifetimes)
-        grad_cache = t.grad_cache_bytes * prompt_tokens // t.prompt_tokens
+        hot_extra = t.hot_extra_bytes * prompt_tokens // t.prompt_tokens
         kv = t.kv_bytes * prompt_tokens // t.prompt_tokens
         try:
-            plan = self._make_plan(lifetimes, grad_cache, b_working(total / prompt_tokens, kv))
+            plan = self._make_plan(
+                lifetimes, hot_extra, b_working(total / prompt_tokens, kv), recompute=True
+            )
         except BudgetError:
             return None  # decided on the step's own capture, which may differ
         self._predicted = {lt.id: lt.nbytes for lt in lifetimes}
@@ -185,11 +196,11 @@ class PromptOffloader:
         last: dict[int, int | None],
         best_effort: bool = False,
     ):
-        """Layer-boundary hook of phase A: offload planned storages whose last save (known from
-        the step that made the plan) is in a finished layer, then hold the forward until copies
-        older than ``offload_lag`` layers are out. ``best_effort`` (a predicted plan, whose pool
-        may be too small for the real sizes): a storage the pool cannot take stays on the
-        device."""
+        """Layer-boundary hook of phase A: offload (or drop, for recompute) planned storages
+        whose last save (known from the step that made the plan) is in a finished layer, then
+        hold the forward until copies older than ``offload_lag`` layers are out. ``best_effort``
+        (a predicted plan, whose pool may be too small for the real sizes): a storage the pool
+        cannot take stays on the device."""
 
         def finished(rec: SavedStorage, layer: int) -> bool:
             last_layer = last.get(rec.id, layer)
@@ -197,13 +208,15 @@ class PromptOffloader:
 
         def on_layer_start(layer: int) -> None:
             for rec in capture.records:
-                if (
-                    plan.decisions.get(rec.id) == "offload"
-                    and not (rec.offloaded or rec.freed)
-                    and finished(rec, layer)
-                    and (not best_effort or self._pool.fits(rec.nbytes))
-                ):
+                decision = plan.decisions.get(rec.id)
+                if rec.offloaded or rec.freed or rec.recomputed or not finished(rec, layer):
+                    continue
+                if decision == "recompute":
+                    capture.drop(rec)  # a layer that cannot replay: handled after phase A
+                elif decision == "offload" and (not best_effort or self._pool.fits(rec.nbytes)):
                     self._handles.append((last.get(rec.id), capture.offload(rec, self._engine)))
+            if self._engine is None:
+                return
             lag = layer - plan.offload_lag
             self._engine.wait_offloaded(
                 h for lay, h in self._handles if lay is not None and lay < lag
@@ -228,6 +241,7 @@ class PromptOffloader:
         capture.on_layer_start = None
         self.learn(capture, prompt_kv, grad_cache_bytes, kv_bytes, prompt_tokens)
         lifetimes = self._template.lifetimes
+        hot_extra = self._template.hot_extra_bytes
         total = sum(lt.nbytes for lt in lifetimes)
         b_working_bytes = b_working(total / prompt_tokens, kv_bytes)
         last = {lt.id: lt.layer for lt in lifetimes}
@@ -237,7 +251,7 @@ class PromptOffloader:
         }:
             plan, self._mismatch = None, True  # replan from the real capture
         if plan is None:
-            plan = self._plan = self._make_plan(lifetimes, grad_cache_bytes, b_working_bytes)
+            plan = self._plan = self._make_plan(lifetimes, hot_extra, b_working_bytes)
             self._remember(shape_key, plan, last)
         elif set(plan.decisions) != set(last):
             # the capture differs from the step that made the plan: run this step on it as it
@@ -246,6 +260,13 @@ class PromptOffloader:
         elif self._predicted is not None:
             self._remember(shape_key, plan, last)  # the prediction was exact
         self._predicted = None
+        for rec in capture.live_records():  # recompute planned before phase A (last layer)
+            if plan.decisions.get(rec.id) != "recompute" or rec.recomputed or capture.drop(rec):
+                continue
+            # its layer cannot replay (its first saved tensor is not its input): the host takes
+            # it if the pool can, else it stays
+            if self._engine is not None and self._pool.fits(rec.nbytes):
+                self._handles.append((rec.last_layer, capture.offload(rec, self._engine)))
         if plan.offload_bytes == 0:
             return lifetimes
         # a missed prediction may need a larger pool than the one streaming already uses: then
@@ -254,13 +275,18 @@ class PromptOffloader:
         if not best_effort:
             self._ensure_engine(plan)
         for rec in capture.live_records():
-            if plan.decisions.get(rec.id) == "offload" and not rec.offloaded:
+            if plan.decisions.get(rec.id) == "offload" and not (rec.offloaded or rec.recomputed):
                 if best_effort and not self._pool.fits(rec.nbytes):
                     continue
                 self._handles.append((rec.last_layer, capture.offload(rec, self._engine)))
         return lifetimes
 
-    def _make_plan(self, lifetimes: list[Lifetime], grad_cache: int, b_working: int) -> Plan:
+    def _make_plan(
+        self, lifetimes: list[Lifetime], hot_extra: int, b_working: int, recompute: bool = False
+    ) -> Plan:
+        """A plan for these lifetimes. ``recompute``: layers may be replayed in phase C instead
+        of keeping their tensors, which needs the plan before phase A (the capture keeps those
+        layers' calls); plans made after phase A keep or offload."""
         per_layer: dict[int | None, int] = {}
         for lt in lifetimes:
             per_layer[lt.layer] = per_layer.get(lt.layer, 0) + lt.nbytes
@@ -268,13 +294,13 @@ class PromptOffloader:
         inputs = PlanInputs(
             lifetimes=lifetimes,
             budget=self.budget,
-            hot_extra_bytes=grad_cache,
+            hot_extra_bytes=hot_extra,
             a_working_bytes=layer_max,
             b_working_bytes=b_working,
             c_working_bytes=layer_max,
             rates=self.rates,
             offload=self.mode != "off",
-            recompute=False,  # the schedule executes keep/offload; recompute is planned only
+            recompute=recompute and self.mode == "auto",
             mode="all" if self.mode == "all" else "auto",
         )
         return make_plan(inputs)

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 import hbmplan
 from hbmplan.allocator import PoolExhaustedError
+from hbmplan.planner import capture as capture_mod
+from hbmplan.planner.timeline import Rates
 from hbmplan.schedules import offload as offload_mod
 from tests.helpers import grads_of, pg_loss, random_group, tiny_hf, tiny_reference
 from tests.models.test_moe import tiny_moe
@@ -232,3 +234,98 @@ def test_plans_kept_per_context_are_bounded(monkeypatch):
     plans = box["mem"]._offloader._plans
     assert len(plans) == 2  # the two most recent shapes; P=20 came back as a prediction
     assert box["stats"][3].offload.predicted
+
+
+def _replays(monkeypatch) -> list[int]:
+    """The layers phase C replays, in order."""
+    layers: list[int] = []
+    real = capture_mod.SavedTensorCapture._replay
+
+    def spy(self, layer):
+        layers.append(layer)
+        return real(self, layer)
+
+    monkeypatch.setattr(capture_mod.SavedTensorCapture, "_replay", spy)
+    return layers
+
+
+SLOW_LINK = Rates(d2h_gbps=1e-4, h2d_gbps=1e-4)  # the planner then prefers recompute to copies
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["reference", "Qwen3"])
+def test_recompute_replays_layers_and_is_bitwise_same(kind, dtype, monkeypatch):
+    """Layers planned for recompute drop their saved tensors after their forward and replay
+    from their first saved tensor (the input, or its fp32 copy in HF's norm) in phase C."""
+    model = tiny_reference(dtype, layers=3) if kind == "reference" else tiny_hf("Qwen3", dtype)
+    steps = [[random_group(P, [5, 9], seed=P, dtype=torch.float32)] for P in (30, 40, 40)]
+    base, plain = _steps(model, steps, offload="off")
+    no_offload = plain["stats"][1].phases
+    budget = int(0.85 * max(p.peak_bytes for p in no_offload.values()))
+    replays = _replays(monkeypatch)
+    got, box = _steps(model, steps, hbm_budget=budget, rates=SLOW_LINK)
+    assert _equal(got, base)
+    first, predicted, cached = box["stats"]
+    assert first.offload.plan.recompute_bytes == 0  # planned after phase A: keep or offload
+    for stats in (predicted, cached):  # planned before phase A: recompute possible
+        assert stats.offload.plan.recompute_bytes > 0
+        assert stats.phases["B"].peak_bytes < no_offload["B"].peak_bytes
+    assert len(replays) >= 2 and set(replays) <= set(range(3))
+
+
+def test_layers_that_cannot_replay_keep_their_tensors(monkeypatch):
+    monkeypatch.setattr(capture_mod.SavedTensorCapture, "drop", lambda self, rec: False)
+    model = tiny_reference(torch.float32, layers=3)
+    steps = [[random_group(P, [5, 9], seed=P, dtype=torch.float32)] for P in (30, 40)]
+    base, plain = _steps(model, steps, offload="off")
+    budget = int(0.85 * max(p.peak_bytes for p in plain["stats"][1].phases.values()))
+    replays = _replays(monkeypatch)
+    got, box = _steps(model, steps, hbm_budget=budget, rates=SLOW_LINK)
+    assert _equal(got, base) and replays == []
+    assert box["stats"][1].offload.plan.recompute_bytes > 0
+
+
+class _SavesSomethingElseFirst(torch.nn.Module):
+    """A decoder layer whose first saved tensor is exp(x), not its input x: not replayable."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x, *args, **kwargs):
+        return self.layer(x + 0.0 * x.exp().sum(), *args, **kwargs)
+
+
+def test_a_layer_whose_first_saved_tensor_is_not_its_input_is_never_replayed(monkeypatch):
+    model = tiny_reference(torch.float32, layers=3)
+    model.layers[1] = _SavesSomethingElseFirst(model.layers[1])
+    steps = [[random_group(P, [5, 9], seed=P, dtype=torch.float32)] for P in (30, 40)]
+    base, plain = _steps(model, steps, offload="off")
+    budget = int(0.85 * max(p.peak_bytes for p in plain["stats"][1].phases.values()))
+    replays = _replays(monkeypatch)
+    got, _ = _steps(model, steps, hbm_budget=budget, rates=SLOW_LINK)
+    assert _equal(got, base)
+    assert replays and 1 not in replays
+
+
+def test_replay_reuses_the_forward_rng_state(monkeypatch):
+    """With attention dropout on, a replay draws the same masks as the forward did: the RNG state
+    is saved at each replayable layer's start and restored for its replay."""
+    model = tiny_hf("Qwen3", torch.float32)
+    model.config.attention_dropout = 0.3
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.3
+    model.train()
+    steps = [[random_group(P, [5, 9], seed=P, dtype=torch.float32)] for P in (30, 40, 40)]
+    torch.manual_seed(0)
+    base, plain = _steps(model, steps, offload="off")
+    peak = max(p.peak_bytes for p in plain["stats"][1].phases.values())
+    replays = _replays(monkeypatch)
+    for fraction in (0.85, 0.9, 0.95):  # dropout masks add dormant bytes: find a feasible one
+        torch.manual_seed(0)
+        try:
+            got, _ = _steps(model, steps, hbm_budget=int(fraction * peak), rates=SLOW_LINK)
+        except hbmplan.BudgetError:
+            continue
+        break
+    assert replays and _equal(got, base)
