@@ -257,7 +257,8 @@ def memory(
         hbm_budget: device bytes the schedule's activations may occupy (int or "80GiB"):
             prompt activations, K/V, gradient cache and microbatch working sets; parameters,
             gradients and optimizer state are outside it. ``None``: no budget.
-        offload: "auto" offloads dormant prompt activations when the budget requires it,
+        offload: "auto" offloads dormant prompt activations (or, for plans made before phase
+            A, recomputes whole layers in phase C) when the budget requires it,
             "off" never (a budget is then only checked: ``BudgetError`` if it cannot hold),
             "all" every dormant tensor.
         rates: link and compute rates the planner uses (default: DESIGN.md's H200 figures).
