@@ -37,6 +37,7 @@ __all__ = [
     "ReferenceAdapter",
     "adapt",
     "check_schedulable",
+    "is_moe",
     "model_device",
     "model_dtype",
     "packed_unsupported",
@@ -126,6 +127,8 @@ class MoEAdapter(ReferenceAdapter):
     """Adapter for :class:`hbmplan.models.MoEDecoder`: the reference adapter, plus the router
     logits of each forward appended to ``router_logits`` when a list is given."""
 
+    is_moe = True
+
     @property
     def router(self) -> RouterSpec | None:
         """The configured router loss; ``None`` when both coefficients are 0."""
@@ -179,6 +182,11 @@ def packed_unsupported(adapter: CausalLMAdapter, context_len: int) -> str | None
     if check is None:
         return f"{type(adapter).__name__} has no packed-row path (packed_unsupported)"
     return check(context_len)
+
+
+def is_moe(adapter: CausalLMAdapter) -> bool:
+    """Whether the model routes tokens to experts (whatever its router loss)."""
+    return bool(getattr(adapter, "is_moe", False))
 
 
 def router_spec(adapter: CausalLMAdapter) -> RouterSpec | None:

@@ -162,6 +162,11 @@ class HFAdapter:
         return self.base.layers
 
     @property
+    def is_moe(self) -> bool:
+        """A mixture-of-experts family (:data:`MOE_MODEL_TYPES`)."""
+        return self._moe
+
+    @property
     def router(self) -> RouterSpec | None:
         """The router loss the model's own forward would add, read from the live config (the
         coefficient as the ``*ForCausalLM`` holds it); ``None`` for dense families or when off."""

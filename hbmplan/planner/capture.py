@@ -120,9 +120,16 @@ class SavedTensorCapture:
         self._layer_tickets: dict[int, list[int]] = {}  # tickets saved inside each layer, in order
         self._in_layer = False
         self._calls: dict[int, LayerCall] = {}
+        self._pending_x: dict[int, torch.Tensor] = {}
         self.replay_layers: set[int] = set()
         """Layers whose calls are kept so that :meth:`drop` may drop their saved tensors (set
         before the forward)."""
+        self.check_inputs = False
+        """Check every layer (not only :attr:`replay_layers`) for :attr:`input_first` (set
+        before the forward; one comparison, and on CUDA a host sync, per layer)."""
+        self.input_first: dict[int, bool] = {}
+        """Per checked layer: whether its first saved tensor equals its input (up to a cast),
+        the condition for replaying it from that tensor."""
         self.nbytes = 0
         """Bytes of the distinct storages the capture holds on the device now."""
         self.peak_nbytes = 0
@@ -214,9 +221,13 @@ class SavedTensorCapture:
             if self.on_layer_start is not None:
                 self.on_layer_start(index)
             self._layer, self._in_layer = index, True
-            if index in self.replay_layers and args and isinstance(args[0], torch.Tensor):
+            if not args or not isinstance(args[0], torch.Tensor):
+                return
+            if self.check_inputs or index in self.replay_layers:
+                self._pending_x[index] = args[0]
+            if index in self.replay_layers:
                 self._calls[index] = LayerCall(
-                    module, (None, *args[1:]), without_cache(kwargs), args[0].dtype, args[0],
+                    module, (None, *args[1:]), without_cache(kwargs), args[0].dtype,
                     rng_state(args[0].device),
                 )  # fmt: skip
 
@@ -228,11 +239,38 @@ class SavedTensorCapture:
     def _check_checkpoint(self, layer: int, t: torch.Tensor) -> None:
         """A layer is replayable when its first saved tensor is its input (or its input cast,
         as a norm that computes in fp32 saves): the replay restarts from that tensor."""
-        call = self._calls.get(layer)
-        if call is None or call.x is None:
+        x = self._pending_x.pop(layer, None)
+        if x is None:
             return
-        x, call.x = call.x, None
-        call.replayable = t.shape == x.shape and torch.equal(t.detach().to(x.dtype), x.detach())
+        ok = t.shape == x.shape and torch.equal(t.detach().to(x.dtype), x.detach())
+        self.input_first[layer] = ok
+        if layer in self._calls:
+            self._calls[layer].replayable = ok
+
+    def replayable(
+        self, layers: Iterable[int], hot: Iterable[torch.Tensor]
+    ) -> dict[int, frozenset[int]]:
+        """For each of ``layers`` (ones known to save their input first), the ids of the
+        dormant storages (not in ``hot``) a replay of the layer rebuilds: last saved by the
+        layer, every reference saved inside its forward, after its first saved tensor (the
+        checkpoint the replay restarts from). The planner's ``PlanInputs.replayable``."""
+        hot_keys = {storage_key(t) for t in hot}
+        out = {}
+        for layer in layers:
+            packs = self._layer_tickets.get(layer)
+            first = self._ticket_record.get(packs[0]) if packs else None
+            if first is None or first.freed:
+                continue
+            inside = set(packs[1:])
+            out[layer] = frozenset(
+                rec.id
+                for rec in self.live_records()
+                if rec.last_layer == layer
+                and rec is not first
+                and rec.key not in hot_keys
+                and rec.tickets <= inside
+            )
+        return out
 
     # -- recompute -----------------------------------------------------------------------------
     def drop(self, rec: SavedStorage) -> bool:
@@ -373,6 +411,7 @@ class SavedTensorCapture:
         self._on_device.clear()
         self._reloaded.clear()
         self._calls.clear()
+        self._pending_x.clear()
         self._layer_tickets.clear()
         self.records = []
         self._engine = None

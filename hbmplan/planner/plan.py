@@ -67,6 +67,11 @@ class PlanInputs:
     """Whether a layer may recompute its forward in phase C instead of keeping its tensors."""
     mode: Literal["auto", "all"] = "auto"
     """"auto": the least exposed time within the budget. "all": offload every dormant tensor."""
+    replayable: Mapping[int, frozenset[int]] | None = None
+    """Which layers the schedule can replay: per layer, the lifetime ids its replay rebuilds
+    (all it saves but its checkpoint, the first). A layer stage may recompute only when the
+    replay rebuilds all its dormant lifetimes but its first, which is kept or offloaded.
+    ``None``: every layer stage with two or more dormant lifetimes may."""
 
     def __post_init__(self) -> None:
         lts = tuple(sorted(self.lifetimes, key=lambda lt: lt.id))
@@ -167,7 +172,9 @@ class Plan:
 
 def _model(inputs: PlanInputs) -> StageModel:
     working = (inputs.a_working_bytes, inputs.b_working_bytes, inputs.c_working_bytes)
-    return StageModel(inputs.lifetimes, inputs.rates, inputs.hot_extra_bytes, working)
+    return StageModel(
+        inputs.lifetimes, inputs.rates, inputs.hot_extra_bytes, working, inputs.replayable
+    )
 
 
 class _Line:
@@ -373,6 +380,9 @@ class PlanCache:
             inputs.offload,
             inputs.recompute,
             inputs.mode,
+            None
+            if inputs.replayable is None
+            else tuple(sorted((k, tuple(sorted(v))) for k, v in inputs.replayable.items())),
         )
 
     def plan(self, inputs: PlanInputs) -> Plan:

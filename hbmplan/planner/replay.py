@@ -35,7 +35,6 @@ class LayerCall:
     args: tuple
     kwargs: dict
     x_dtype: torch.dtype
-    x: torch.Tensor | None  # held only until the layer's first save is checked against it
     rng: tuple[torch.Tensor, list[torch.Tensor]]
     replayable: bool = False
 

@@ -142,6 +142,9 @@ class Stage:
     dormant: tuple[tuple[int, int], ...]
     forward_s: float
     backward_s: float
+    replay_ok: bool = True
+    """The schedule can replay this stage's layer from its first dormant tensor and rebuild the
+    rest (see ``PlanInputs.replayable``)."""
 
     @cached_property
     def dormant_bytes(self) -> int:
@@ -152,7 +155,7 @@ class Stage:
         """A layer stage with something to drop besides its checkpoint: the first tensor the
         layer saves stands for the layer input a recompute restarts from (in a pre-norm decoder
         the input norm saves it first), and is kept or offloaded."""
-        return self.layer is not None and len(self.dormant) >= 2
+        return self.layer is not None and len(self.dormant) >= 2 and self.replay_ok
 
 
 def _split(total: float, weights: Sequence[float]) -> list[float]:
@@ -183,8 +186,15 @@ def _stage_times(
     return out
 
 
-def build_stages(lifetimes: Sequence[Any], rates: Rates) -> tuple[list[Stage], float]:
-    """Stages of ``lifetimes`` (sorted by id) and phase B's compute seconds."""
+def build_stages(
+    lifetimes: Sequence[Any],
+    rates: Rates,
+    replayable: Mapping[int, frozenset[int]] | None = None,
+) -> tuple[list[Stage], float]:
+    """Stages of ``lifetimes`` (sorted by id) and phase B's compute seconds. ``replayable``: per
+    layer a replay can rebuild, the lifetime ids it rebuilds; a stage may recompute only if its
+    layer's replay rebuilds all its dormant lifetimes but the first, which it keeps or offloads
+    (``None``: any layer stage may)."""
     runs: list[list[Any]] = []
     for lt in sorted(lifetimes, key=lambda lt: lt.id):
         if runs and runs[-1][0].layer == lt.layer:
@@ -215,11 +225,19 @@ def build_stages(lifetimes: Sequence[Any], rates: Rates) -> tuple[list[Stage], f
             dormant=tuple((lt.id, lt.nbytes) for lt in run if not lt.hot),
             forward_s=f,
             backward_s=b,
+            replay_ok=_replay_ok(run, replayable),
         )
         for run, f, b in zip(runs, fwd, bwd, strict=True)
     ]
     responses = rates.responses_s if rates.responses_s is not None else 3.0 * fwd_total
     return stages, responses
+
+
+def _replay_ok(run: Sequence[Any], replayable: Mapping[int, frozenset[int]] | None) -> bool:
+    if replayable is None:
+        return True
+    layer, dormant = run[0].layer, [lt.id for lt in run if not lt.hot]
+    return layer in replayable and set(dormant[1:]) <= replayable[layer]
 
 
 def simulate(
@@ -385,9 +403,10 @@ class StageModel:
         rates: Rates,
         hot_extra: int = 0,
         working: tuple[int, int, int] = (0, 0, 0),
+        replayable: Mapping[int, frozenset[int]] | None = None,
     ) -> None:
         self.rates, self.hot_extra, self.working = rates, hot_extra, working
-        self.stages, self.responses_s = build_stages(lifetimes, rates)
+        self.stages, self.responses_s = build_stages(lifetimes, rates, replayable)
         self.n = len(self.stages)
 
     def recompute_flags(self, r: int) -> list[bool]:

@@ -70,6 +70,8 @@ class _Template:
     hot_extra_bytes: int
     """Hot device bytes outside the lifetimes: the gradient cache, K/V no live record holds."""
     kv_bytes: int
+    replayable: dict[int, frozenset[int]]
+    """Per replayable layer, the storage ids its replay rebuilds (``PlanInputs.replayable``)."""
 
 
 class PromptOffloader:
@@ -98,6 +100,10 @@ class PromptOffloader:
         self._plan: Plan | None = None
         self._streamed = False
         self._template: _Template | None = None
+        self._layers_ok: set[int] | None = None  # layers whose first saved tensor is their input
+        self.predict = True
+        """Plan new shapes before phase A from the last capture (off for mixture-of-experts
+        models, whose expert inputs are as large as routing makes them)."""
         self._predicted: dict[int, int] | None = None
         self._was_predicted = self._mismatch = False
 
@@ -114,9 +120,15 @@ class PromptOffloader:
         return (
             self.mode != "off"
             and self.active
+            and self.predict
             and self._template is None
             and prompt_tokens > 2 * PROBE_TOKENS
         )
+
+    def prepare(self, capture: SavedTensorCapture) -> None:
+        """Before a prompt forward is captured: the context's first capture checks which layers
+        save their input first (once: a comparison per layer), which recompute needs."""
+        capture.check_inputs = self._layers_ok is None
 
     def learn(
         self,
@@ -128,6 +140,8 @@ class PromptOffloader:
     ) -> None:
         """Keep a capture of a prompt forward of ``prompt_tokens`` tokens (the probe) as the
         template the next steps' plans are predicted from."""
+        if capture.check_inputs:
+            self._layers_ok = {layer for layer, ok in capture.input_first.items() if ok}
         records = capture.live_records()
         # hot bytes outside the lifetimes: K/V no live record holds (the last layer's, whose
         # saving branch died with the discarded hidden states) and the gradient cache
@@ -138,6 +152,7 @@ class PromptOffloader:
             {r.id: (r.shape, math.prod(r.shape) * r.dtype.itemsize) for r in records},
             grad_cache_bytes + outside,
             kv_bytes,
+            capture.replayable(self._layers_ok or (), prompt_kv),
         )
 
     def begin_group(
@@ -152,10 +167,11 @@ class PromptOffloader:
         prompt token, prompt K/V bytes)`` is phase B's working set for the planner."""
         self._handles, self._plan, self._predicted = [], None, None
         self._streamed = self._was_predicted = self._mismatch = False
+        self.prepare(capture)
         cached = self._plans.get(shape_key)
         if cached is not None:
             self._plans.move_to_end(shape_key)
-        if cached is None and self._template is not None:
+        if cached is None and self._template is not None and self.predict:
             cached = self._predict(prompt_tokens, b_working)
         if cached is not None:
             self._plan, last = cached
@@ -181,7 +197,7 @@ class PromptOffloader:
         kv = t.kv_bytes * prompt_tokens // t.prompt_tokens
         try:
             plan = self._make_plan(
-                lifetimes, hot_extra, b_working(total / prompt_tokens, kv), recompute=True
+                lifetimes, hot_extra, b_working(total / prompt_tokens, kv), t.replayable
             )
         except BudgetError:
             return None  # decided on the step's own capture, which may differ
@@ -282,11 +298,15 @@ class PromptOffloader:
         return lifetimes
 
     def _make_plan(
-        self, lifetimes: list[Lifetime], hot_extra: int, b_working: int, recompute: bool = False
+        self,
+        lifetimes: list[Lifetime],
+        hot_extra: int,
+        b_working: int,
+        replayable: dict[int, frozenset[int]] | None = None,
     ) -> Plan:
-        """A plan for these lifetimes. ``recompute``: layers may be replayed in phase C instead
-        of keeping their tensors, which needs the plan before phase A (the capture keeps those
-        layers' calls); plans made after phase A keep or offload."""
+        """A plan for these lifetimes. ``replayable`` (``PlanInputs.replayable``): the layers
+        that may be replayed in phase C instead of keeping their tensors, which needs the plan
+        before phase A (the capture keeps those layers' calls); ``None``: keep or offload."""
         per_layer: dict[int | None, int] = {}
         for lt in lifetimes:
             per_layer[lt.layer] = per_layer.get(lt.layer, 0) + lt.nbytes
@@ -300,7 +320,8 @@ class PromptOffloader:
             c_working_bytes=layer_max,
             rates=self.rates,
             offload=self.mode != "off",
-            recompute=recompute and self.mode == "auto",
+            recompute=replayable is not None and self.mode == "auto",
+            replayable=replayable,
             mode="all" if self.mode == "all" else "auto",
         )
         return make_plan(inputs)

@@ -35,6 +35,7 @@ from hbmplan.models.adapter import (
     CausalLMAdapter,
     adapt,
     check_schedulable,
+    is_moe,
     model_device,
     model_dtype,
     router_spec,
@@ -128,6 +129,7 @@ def _probe(
     n = PROBE_TOKENS
     device = group.prompt.device
     capture = SavedTensorCapture(exclude, adapter.layers)
+    offloader.prepare(capture)
     kwargs = {"router_logits": []} if routed else {}
     devices = [device] if device.type == "cuda" else []
     try:
@@ -335,6 +337,8 @@ def reuse_step(
     check_schedulable(adapter)
     phase_b = resolve_attention(attention, adapter, groups, model_dtype(adapter), grad_cache_dtype)
     device = groups[0].prompt.device
+    if offloader is not None:  # expert inputs are as large as routing makes them: no prediction
+        offloader.predict = not is_moe(adapter)
     stats = StepStats("reuse", groups=len(groups), trajectories=sum(g.group_size for g in groups))
     stats.attention, stats.attention_note = phase_b.name, phase_b.why
     clock = PhaseClock(stats, device)

@@ -83,10 +83,11 @@ def test_predicted_plans_match_the_capture_of_every_new_prompt_length(lengths, k
     assert not first.offload.predicted
     for i, stats in enumerate(later, start=1):
         repeat = lengths[i] in lengths[:i]  # the same shape again: its own plan
+        if kind == "moe":  # expert inputs are as large as routing makes them: never predicted
+            assert not stats.offload.predicted and stats.offload.streamed == repeat
+            continue
         assert stats.offload.predicted != repeat and stats.offload.streamed
-        # expert inputs are as large as routing makes them: a MoE prediction may miss (and the
-        # step replans after phase A); every other saved tensor follows the prompt length
-        assert kind == "moe" or not stats.offload.mismatch
+        assert not stats.offload.mismatch
 
 
 @pytest.mark.parametrize("kind", ["reference", "Qwen3"])
@@ -321,6 +322,7 @@ def test_replay_reuses_the_forward_rng_state(monkeypatch):
     base, plain = _steps(model, steps, offload="off")
     peak = max(p.peak_bytes for p in plain["stats"][1].phases.values())
     replays = _replays(monkeypatch)
+    got = None
     for fraction in (0.85, 0.9, 0.95):  # dropout masks add dormant bytes: find a feasible one
         torch.manual_seed(0)
         try:
@@ -328,4 +330,5 @@ def test_replay_reuses_the_forward_rng_state(monkeypatch):
         except hbmplan.BudgetError:
             continue
         break
+    assert got is not None, "no budget fraction was feasible"
     assert replays and _equal(got, base)
