@@ -339,9 +339,10 @@ class SavedTensorCapture:
         rec = self._ticket_record[ticket]
         if rec.recomputed:  # the first of its views back: the storage is on the device again
             rec.recomputed, rec.key = False, storage_key(t)
-            self._on_device[rec.key] = rec
-            self.nbytes += rec.nbytes
-            self.peak_nbytes = max(self.peak_nbytes, self.nbytes)
+            if rec.key not in self._on_device:  # (a storage the capture holds already counts)
+                self._on_device[rec.key] = rec
+                self.nbytes += rec.nbytes
+                self.peak_nbytes = max(self.peak_nbytes, self.nbytes)
 
     # -- public --------------------------------------------------------------------------------
     @contextmanager

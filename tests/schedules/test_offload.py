@@ -332,3 +332,21 @@ def test_replay_reuses_the_forward_rng_state(monkeypatch):
         break
     assert got is not None, "no budget fraction was feasible"
     assert replays and _equal(got, base)
+
+
+def test_the_probe_leaves_the_rng_as_it_found_it():
+    """The probe forward runs with attention dropout on, but draws from a forked RNG: the step's
+    own dropout masks, hence its gradients, are those of a run without the probe."""
+    model = tiny_hf("Qwen3", torch.float32)
+    model.config.max_position_embeddings = 512
+    model.config.attention_dropout = 0.3
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.3
+    model.train()
+    steps = [[random_group(300, [5, 9], seed=8, dtype=torch.float32)]]
+    torch.manual_seed(0)
+    base, _ = _steps(model, steps, offload="off")
+    torch.manual_seed(0)
+    got, box = _steps(model, steps, offload="all")
+    assert box["stats"][0].offload.predicted  # the probe ran
+    assert _equal(got, base)
