@@ -35,14 +35,6 @@ class _HostEvent:
     def query(self) -> bool:
         return True
 
-    def wait_offloaded(self, handles: Iterable[OffloadHandle]) -> None:
-        """Block the host until the D2H copies of ``handles`` are complete, then release their
-        device storages: bounds the device bytes held by copies in flight (offload lag)."""
-        for h in handles:
-            if h._d2h_end is not None:
-                h._d2h_end.synchronize()
-        self.poll()
-
     def synchronize(self) -> None:
         pass
 

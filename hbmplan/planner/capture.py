@@ -121,6 +121,7 @@ class SavedTensorCapture:
         self._in_layer = False
         self._calls: dict[int, LayerCall] = {}
         self._pending_x: dict[int, torch.Tensor] = {}
+        self._inside_cache: dict[int, set[int]] = {}
         self.replay_layers: set[int] = set()
         """Layers whose calls are kept so that :meth:`drop` may drop their saved tensors (set
         before the forward)."""
@@ -255,22 +256,30 @@ class SavedTensorCapture:
         layer, every reference saved inside its forward, after its first saved tensor (the
         checkpoint the replay restarts from). The planner's ``PlanInputs.replayable``."""
         hot_keys = {storage_key(t) for t in hot}
+        by_layer: dict[int | None, list[SavedStorage]] = {}
+        for rec in self.live_records():
+            if rec.key not in hot_keys:
+                by_layer.setdefault(rec.last_layer, []).append(rec)
         out = {}
         for layer in layers:
             packs = self._layer_tickets.get(layer)
             first = self._ticket_record.get(packs[0]) if packs else None
             if first is None or first.freed:
                 continue
-            inside = set(packs[1:])
+            inside = self._inside(layer)
             out[layer] = frozenset(
                 rec.id
-                for rec in self.live_records()
-                if rec.last_layer == layer
-                and rec is not first
-                and rec.key not in hot_keys
-                and rec.tickets <= inside
+                for rec in by_layer.get(layer, [])
+                if rec is not first and rec.tickets <= inside
             )
         return out
+
+    def _inside(self, layer: int) -> set[int]:
+        """Tickets saved inside ``layer``'s finished forward after its first (cached)."""
+        inside = self._inside_cache.get(layer)
+        if inside is None:
+            inside = self._inside_cache[layer] = set(self._layer_tickets.get(layer, [])[1:])
+        return inside
 
     # -- recompute -----------------------------------------------------------------------------
     def drop(self, rec: SavedStorage) -> bool:
@@ -287,7 +296,8 @@ class SavedTensorCapture:
             or rec.offloaded
             or rec.freed
             or rec.recomputed
-            or not rec.tickets <= set(packs[1:])
+            or not packs
+            or not rec.tickets <= self._inside(layer)
             or self._ticket_record.get(packs[0]) is rec
         ):
             return False
@@ -413,6 +423,7 @@ class SavedTensorCapture:
         self._reloaded.clear()
         self._calls.clear()
         self._pending_x.clear()
+        self._inside_cache.clear()
         self._layer_tickets.clear()
         self.records = []
         self._engine = None

@@ -77,11 +77,6 @@ class GradientCache:
         )
 
     @property
-    def dtype(self) -> torch.dtype | None:
-        """The buffers' dtype (``None`` once released)."""
-        return self.grads[0][0].dtype if self.grads else None
-
-    @property
     def kv_bytes(self) -> int:
         """Bytes of the prompt K/V (all layers)."""
         return sum(k.nbytes + v.nbytes for k, v in self.prompt_kv)
