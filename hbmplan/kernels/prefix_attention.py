@@ -21,7 +21,7 @@ try:
 except ImportError:  # the reference serves every call
     triton = None
 
-__all__ = ["prefix_attention", "triton_unsupported"]
+__all__ = ["kernel_rejects", "prefix_attention", "triton_unsupported"]
 
 Impl = Literal["auto", "triton", "reference"]
 _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -95,6 +95,20 @@ def prefix_attention(
     )
 
 
+def kernel_rejects(
+    dtype: torch.dtype, head_dim: int, cache_dtype: torch.dtype | None = None
+) -> str | None:
+    """The shape and dtype rule the Triton kernel breaks for these properties (a message naming
+    the rule and the value), or ``None``; what the machine has is :func:`triton_unsupported`'s."""
+    if head_dim not in launch.SUPPORTED_HEAD_DIMS:
+        return f"head dim must be one of {launch.SUPPORTED_HEAD_DIMS}, got {head_dim}"
+    if dtype not in _TRITON_DTYPES:
+        return f"dtype must be bf16, fp16 or fp32, got {dtype}"
+    if cache_dtype is not None and cache_dtype != torch.float32:
+        return f"grad_cache must be float32 for Triton, got {cache_dtype}"
+    return None
+
+
 def triton_unsupported(
     device: torch.device | str,
     dtype: torch.dtype,
@@ -113,12 +127,9 @@ def triton_unsupported(
     backend = launch.detect()
     if not backend.triton or triton is None:
         return RuntimeError, "the triton package is not installed"
-    if head_dim not in launch.SUPPORTED_HEAD_DIMS:
-        return ValueError, f"head dim must be one of {launch.SUPPORTED_HEAD_DIMS}, got {head_dim}"
-    if dtype not in _TRITON_DTYPES:
-        return ValueError, f"dtype must be bf16, fp16 or fp32, got {dtype}"
-    if cache_dtype is not None and cache_dtype != torch.float32:
-        return ValueError, f"grad_cache must be float32 for Triton, got {cache_dtype}"
+    rule = kernel_rejects(dtype, head_dim, cache_dtype)
+    if rule is not None:
+        return ValueError, rule
     if torch.device(device).type != "cuda" and not backend.interpret:
         return RuntimeError, (
             f"tensors are on {device}; Triton runs CPU tensors only in its interpreter: set "

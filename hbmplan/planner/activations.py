@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from hbmplan.kernels.launch import SUPPORTED_HEAD_DIMS
+from hbmplan.kernels.prefix_attention import kernel_rejects
 from hbmplan.planner.presets import ModelSpec
 from hbmplan.schedules import logprobs
 from hbmplan.schedules.attention import ATTENTIONS
@@ -320,12 +320,7 @@ def resolve_packed(
         raise ValueError(f"attention must be one of {modelled} for an estimate, got {attention!r}")
     if attention == "auto":
         cache = to_dtype(grad_cache_dtype) if grad_cache_dtype is not None else torch.float32
-        return (
-            target == "cuda"
-            and spec.head_dim in SUPPORTED_HEAD_DIMS
-            and dtype in (torch.bfloat16, torch.float16, torch.float32)
-            and cache == torch.float32
-        )
+        return target == "cuda" and kernel_rejects(dtype, spec.head_dim, cache) is None
     return attention == "triton"
 
 
