@@ -4,7 +4,7 @@ from hbmplan import losses, models, schedules
 from hbmplan.errors import BudgetError
 from hbmplan.group import Group
 from hbmplan.memory import MemoryContext, Report, memory
-from hbmplan.planner.frontier import FrontierResult, Shards, frontier
+from hbmplan.capacity.frontier import FrontierResult, Shards, frontier
 
 __all__ = [
     "BudgetError",

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
-    from hbmplan.planner.frontier import FrontierResult
+    from hbmplan.capacity.frontier import FrontierResult
 
 __all__ = ["main"]
 
@@ -82,7 +82,7 @@ def _plot(path: str, results: dict[int, FrontierResult], title: str) -> None:
 
 
 def _frontier(args: argparse.Namespace) -> int:
-    from hbmplan.planner.frontier import Shards, frontier
+    from hbmplan.capacity.frontier import Shards, frontier
 
     if args.plot:
         try:

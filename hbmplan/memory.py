@@ -20,10 +20,10 @@ from hbmplan.models.adapter import CausalLMAdapter, adapt, model_device, router_
 from hbmplan.planner.plan import Rates
 from hbmplan.schedules.attention import ATTENTIONS, Attention
 from hbmplan.schedules.microbatch import LossFn
-from hbmplan.schedules.offload import OffloadMode, PromptOffloader
+from hbmplan.runtime.offload import OffloadMode, PromptOffloader
 from hbmplan.schedules.reuse import check_tokens_per_microbatch, reuse_step
 from hbmplan.schedules.router import RouterLossMode, resolve_router_loss
-from hbmplan.schedules.stats import RouterStepStats, StepStats
+from hbmplan.runtime.stats import RouterStepStats, StepStats
 
 __all__ = ["MemoryContext", "Report", "memory", "parse_bytes"]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from hbmplan.cli import main
-from hbmplan.planner.frontier import Shards, frontier
+from hbmplan.capacity.frontier import Shards, frontier
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = [

@@ -1,5 +1,5 @@
 """Capacity frontier: the longest prompt each schedule trains within an HBM budget (an estimate
-from :mod:`hbmplan.planner.activations`, optionally calibrated against one measured step)."""
+from :mod:`hbmplan.capacity.step_bytes`, optionally calibrated against one measured step)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import torch
 
-from hbmplan.planner.activations import (
+from hbmplan.capacity.step_bytes import (
     SCHEDULES,
     PhaseBytes,
     Schedule,
@@ -20,7 +20,7 @@ from hbmplan.planner.activations import (
     resolve_packed,
     to_dtype,
 )
-from hbmplan.planner.presets import ModelSpec, model_spec
+from hbmplan.capacity.presets import ModelSpec, model_spec
 
 __all__ = [
     "Calibration",
@@ -313,7 +313,7 @@ def frontier(
 
     A step fits when, in every phase, static memory (parameters, gradients, optimizer state, per
     :class:`Shards`) plus ``scale`` x predicted activation bytes (see
-    :func:`hbmplan.planner.activations.estimate_step`) stays within ``hbm x (1 - fragmentation)``.
+    :func:`hbmplan.capacity.step_bytes.estimate_step`) stays within ``hbm x (1 - fragmentation)``.
     Peaks grow with P, so P is found by binary search.
 
     Args:

@@ -1,7 +1,7 @@
 """Bytes a training step holds, derived from a decoder's shapes: the tensors autograd saves per
 layer and per pass, prompt K/V, the gradient cache and transient workspaces, per schedule phase.
 
-The saved-tensor model was read off :class:`hbmplan.planner.capture.SavedTensorCapture` records of
+The saved-tensor model was read off :class:`hbmplan.runtime.capture.SavedTensorCapture` records of
 the reference decoder and of Hugging Face Llama/Qwen3/Qwen3-MoE (transformers 5.x) on CPU, tensor
 by tensor; with ``target="cpu"`` it reproduces the schedules' CPU ``StepStats`` peaks exactly.
 ``target="cuda"`` swaps in the CUDA attention kernels' saved tensors and adds transients the
@@ -18,8 +18,8 @@ from typing import Literal
 import torch
 
 from hbmplan.kernels.prefix_attention import kernel_rejects
-from hbmplan.planner.presets import ModelSpec
-from hbmplan.schedules import logprobs
+from hbmplan.capacity.presets import ModelSpec
+from hbmplan.kernels import logprobs
 from hbmplan.schedules.attention import ATTENTIONS
 from hbmplan.schedules.microbatch import pack_rows, pack_tokens
 
@@ -58,7 +58,7 @@ def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
 @dataclass(frozen=True)
 class PhaseBytes:
     """Predicted device bytes of one schedule phase at its peak, by component. Excludes the
-    parameters, gradients and optimizer state (see :class:`hbmplan.planner.frontier.StaticMemory`)."""
+    parameters, gradients and optimizer state (see :class:`hbmplan.capacity.frontier.StaticMemory`)."""
 
     prompt_activations: int = 0
     """Saved tensors of the prompt forward kept on the device, K/V excluded."""

@@ -12,7 +12,7 @@ are then [1, T] and attention reads the prompt K/V in place through
 
 An adapter may expose ``lm_head`` (an ``nn.Linear`` whose output ``logits`` returns as is):
 log-probs over a large vocabulary are then computed in chunks (see
-:mod:`hbmplan.schedules.logprobs`).
+:mod:`hbmplan.kernels.logprobs`).
 
 A mixture-of-experts adapter also has ``router`` (the :class:`RouterSpec` of the router loss the
 model trains with, ``None`` when it is off) and its three forward methods take a keyword

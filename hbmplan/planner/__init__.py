@@ -1,7 +1,7 @@
 """Lifetimes of saved tensors and plans for keeping, offloading or recomputing them."""
 
 from hbmplan.errors import BudgetError
-from hbmplan.planner.capture import SavedStorage, SavedTensorCapture
+from hbmplan.runtime.capture import SavedStorage, SavedTensorCapture
 from hbmplan.planner.lifetimes import Lifetime, classify
 from hbmplan.planner.plan import Plan, PlanCache, PlanInputs, Rates, make_plan
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hbmplan.planner.capture import SavedStorage, storage_key
+from hbmplan.runtime.capture import SavedStorage, storage_key
 
 __all__ = ["Lifetime", "classify", "rescale"]
 

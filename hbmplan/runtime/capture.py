@@ -24,7 +24,7 @@ from torch import nn
 
 from hbmplan.allocator.engine import OffloadEngine, OffloadHandle
 from hbmplan.allocator.views import TensorMeta, rebuild
-from hbmplan.planner.replay import Dropped, LayerCall, rng_state, set_rng_state, without_cache
+from hbmplan.runtime.replay import Dropped, LayerCall, rng_state, set_rng_state, without_cache
 
 __all__ = ["SavedStorage", "SavedTensorCapture", "storage_key"]
 

@@ -27,7 +27,7 @@ import torch
 from hbmplan.allocator.engine import OffloadEngine, OffloadHandle, OffloadStats
 from hbmplan.allocator.pool import HostPool
 from hbmplan.errors import BudgetError
-from hbmplan.planner.capture import SavedStorage, SavedTensorCapture, storage_key
+from hbmplan.runtime.capture import SavedStorage, SavedTensorCapture, storage_key
 from hbmplan.planner.lifetimes import Lifetime, classify, rescale
 from hbmplan.planner.plan import Plan, PlanInputs, Rates, make_plan
 

@@ -3,7 +3,7 @@
 On CUDA a phase's time comes from CUDA events (read once, at the end of the step) and its peak
 from the caching allocator's statistics. On CPU the time is ``perf_counter`` and the peak is the
 bytes of live tensors the schedule holds at the end of the phase (saved activations, prompt K/V,
-gradient cache), as counted by :class:`hbmplan.planner.capture.SavedTensorCapture`.
+gradient cache), as counted by :class:`hbmplan.runtime.capture.SavedTensorCapture`.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class StepStats:
     router: RouterStepStats | None = None
     """The router loss and per-expert token counts (MoE models with a router loss on)."""
     offload: Any = None
-    """:class:`hbmplan.schedules.offload.OffloadReport` when the step planned offload."""
+    """:class:`hbmplan.runtime.offload.OffloadReport` when the step planned offload."""
 
     @property
     def seconds(self) -> float:

@@ -2,6 +2,6 @@
 
 from hbmplan.schedules.dense import dense_step
 from hbmplan.schedules.reuse import reuse_step
-from hbmplan.schedules.stats import PhaseStats, StepStats
+from hbmplan.runtime.stats import PhaseStats, StepStats
 
 __all__ = ["PhaseStats", "StepStats", "dense_step", "reuse_step"]

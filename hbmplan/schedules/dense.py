@@ -14,7 +14,7 @@ from torch import nn
 
 from hbmplan.group import Group, validate_groups
 from hbmplan.models.adapter import CausalLMAdapter, adapt, model_device, router_spec
-from hbmplan.planner.capture import SavedTensorCapture
+from hbmplan.runtime.capture import SavedTensorCapture
 from hbmplan.schedules.microbatch import (
     LossFn,
     microbatch_loss,
@@ -30,7 +30,7 @@ from hbmplan.schedules.router import (
     resolve_router_loss,
     routing_sums,
 )
-from hbmplan.schedules.stats import PhaseClock, StepStats
+from hbmplan.runtime.stats import PhaseClock, StepStats
 
 __all__ = ["dense_step"]
 

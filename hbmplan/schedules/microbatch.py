@@ -10,7 +10,7 @@ from torch import nn
 
 from hbmplan.group import Group
 from hbmplan.models.adapter import CausalLMAdapter
-from hbmplan.schedules.logprobs import chunk_rows, chunked_token_logprobs
+from hbmplan.kernels.logprobs import chunk_rows, chunked_token_logprobs
 
 __all__ = [
     "LossFn",
@@ -160,8 +160,8 @@ def token_logprobs(
         One tensor [S_b] per row, float32 (float64 for a float64 model), differentiable. When
         the adapter exposes its ``lm_head`` (a plain ``nn.Linear``: no subclass, hooks or
         parametrizations), autocast is off, and chunks need less memory than the [N, V]
-        log-softmax (:func:`hbmplan.schedules.logprobs.chunk_rows`), they are computed in
-        chunks (:func:`hbmplan.schedules.logprobs.chunked_token_logprobs`).
+        log-softmax (:func:`hbmplan.kernels.logprobs.chunk_rows`), they are computed in
+        chunks (:func:`hbmplan.kernels.logprobs.chunked_token_logprobs`).
     """
     dtype = torch.float64 if picked.dtype == torch.float64 else torch.float32
     tok = torch.cat(list(targets)).to(picked.device)

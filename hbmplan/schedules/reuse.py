@@ -41,7 +41,7 @@ from hbmplan.models.adapter import (
     router_spec,
 )
 from hbmplan.models.packed import cu_seqlens_for
-from hbmplan.planner.capture import SavedTensorCapture
+from hbmplan.runtime.capture import SavedTensorCapture
 from hbmplan.schedules.attention import Attention, PhaseBAttention, resolve_attention
 from hbmplan.schedules.grad_cache import GradientCache, accumulation_dtype
 from hbmplan.schedules.microbatch import (
@@ -56,7 +56,7 @@ from hbmplan.schedules.microbatch import (
     token_logprobs,
     unpack_rows,
 )
-from hbmplan.schedules.offload import (
+from hbmplan.runtime.offload import (
     PROBE_TOKENS,
     PromptOffloader,
     held_bytes,
@@ -71,7 +71,7 @@ from hbmplan.schedules.router import (
     routing_sums,
     with_prefix,
 )
-from hbmplan.schedules.stats import PhaseClock, StepStats
+from hbmplan.runtime.stats import PhaseClock, StepStats
 
 __all__ = ["check_tokens_per_microbatch", "reuse_step"]
 

@@ -40,7 +40,7 @@ from hbmplan.kernels.reference import accumulate_into
 from hbmplan.models.moe import RouterSpec, router_probs
 from hbmplan.schedules.grad_cache import accumulation_dtype
 from hbmplan.schedules.microbatch import pack_rows, padded_rows
-from hbmplan.schedules.stats import RouterStepStats
+from hbmplan.runtime.stats import RouterStepStats
 
 __all__ = [
     "ROUTER_LOSS_MODES",

@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 import hbmplan
 from hbmplan.allocator import PoolExhaustedError
-from hbmplan.planner import capture as capture_mod
+from hbmplan.runtime import capture as capture_mod
 from hbmplan.planner.timeline import Rates
-from hbmplan.schedules import offload as offload_mod
+from hbmplan.runtime import offload as offload_mod
 from tests.helpers import grads_of, pg_loss, random_group, tiny_hf, tiny_reference
 from tests.models.test_moe import tiny_moe
 

@@ -338,7 +338,7 @@ def test_offload_all_is_bitwise_same_and_router_sums_are_hot(monkeypatch):
     model = tiny_moe(torch.float32, aux=1.0, z=0.1)
     steps = [[random_group(20, [5, 9, 3], seed=13, dtype=torch.float32)]] * 2
     hot_lists = []
-    real = hbmplan.schedules.offload.PromptOffloader.after_phase_a
+    real = hbmplan.runtime.offload.PromptOffloader.after_phase_a
 
     def spy(self, capture, prompt_kv, *args):
         hot_lists.append({t.untyped_storage().data_ptr() for t in prompt_kv})
@@ -351,7 +351,7 @@ def test_offload_all_is_bitwise_same_and_router_sums_are_hot(monkeypatch):
         real_init(self, *args, **kwargs)
         leaves.append({t.untyped_storage().data_ptr() for t in self.leaves})
 
-    monkeypatch.setattr(hbmplan.schedules.offload.PromptOffloader, "after_phase_a", spy)
+    monkeypatch.setattr(hbmplan.runtime.offload.PromptOffloader, "after_phase_a", spy)
     monkeypatch.setattr(router_mod.PrefixRouterLeaves, "__init__", track)
 
     def run(offload):
