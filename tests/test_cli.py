@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from hbmplan.cli import main
 from hbmplan.capacity.frontier import Shards, frontier
+from hbmplan.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = [

@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 import hbmplan
-from hbmplan.models import DecoderConfig, ReferenceDecoder
-from hbmplan.capacity.step_bytes import cuda_masked_gqa_fused, estimate_step
 from hbmplan.capacity.frontier import calibrate_scale, frontier
 from hbmplan.capacity.presets import model_spec
+from hbmplan.capacity.step_bytes import cuda_masked_gqa_fused, estimate_step
+from hbmplan.models import DecoderConfig, ReferenceDecoder
 from hbmplan.schedules import dense_step, reuse_step
 
 GiB = 2**30

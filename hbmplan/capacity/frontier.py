@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import torch
 
+from hbmplan.capacity.presets import ModelSpec, model_spec
 from hbmplan.capacity.step_bytes import (
     SCHEDULES,
     PhaseBytes,
@@ -20,7 +21,7 @@ from hbmplan.capacity.step_bytes import (
     resolve_packed,
     to_dtype,
 )
-from hbmplan.capacity.presets import ModelSpec, model_spec
+from hbmplan.config import parse_bytes
 
 __all__ = [
     "Calibration",
@@ -344,8 +345,6 @@ def frontier(
             whose window is shorter than the context runs padded rows.
         max_prompt_len: upper end of the search.
     """
-    from hbmplan.memory import parse_bytes
-
     spec, dt = model_spec(model_or_config), to_dtype(dtype)
     try:
         hbm_bytes = parse_bytes(hbm)

@@ -17,10 +17,11 @@ from typing import Literal
 
 import torch
 
-from hbmplan.kernels.prefix_attention import kernel_rejects
 from hbmplan.capacity.presets import ModelSpec
+from hbmplan.config import ATTENTIONS
 from hbmplan.kernels import logprobs
-from hbmplan.schedules.attention import ATTENTIONS
+from hbmplan.kernels.prefix_attention import kernel_rejects
+from hbmplan.schedules.attention import auto_attention
 from hbmplan.schedules.microbatch import pack_rows, pack_tokens
 
 __all__ = [
@@ -320,7 +321,7 @@ def resolve_packed(
         raise ValueError(f"attention must be one of {modelled} for an estimate, got {attention!r}")
     if attention == "auto":
         cache = to_dtype(grad_cache_dtype) if grad_cache_dtype is not None else torch.float32
-        return target == "cuda" and kernel_rejects(dtype, spec.head_dim, cache) is None
+        return auto_attention(target, None, kernel_rejects(dtype, spec.head_dim, cache)).packed
     return attention == "triton"
 
 

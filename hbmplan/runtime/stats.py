@@ -15,20 +15,7 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["PhaseClock", "PhaseStats", "RouterStepStats", "StepStats", "nvtx_range"]
-
-
-@contextmanager
-def nvtx_range(name: str):
-    """An NVTX range on CUDA (visible in Nsight Systems); a no-op elsewhere."""
-    if torch.cuda.is_available():
-        torch.cuda.nvtx.range_push(name)
-        try:
-            yield
-        finally:
-            torch.cuda.nvtx.range_pop()
-    else:
-        yield
+__all__ = ["PhaseClock", "PhaseStats", "RouterStepStats", "StepStats"]
 
 
 @dataclass
@@ -91,6 +78,11 @@ class StepStats:
     offload: Any = None
     """:class:`hbmplan.runtime.offload.OffloadReport` when the step planned offload."""
 
+    def record_peak(self, phase: str, nbytes: int) -> None:
+        """Raise phase ``phase``'s peak to ``nbytes`` if it is higher (held-tensor metering)."""
+        stats = self.phases.setdefault(phase, PhaseStats())
+        stats.peak_bytes = max(stats.peak_bytes, int(nbytes))
+
     @property
     def seconds(self) -> float:
         """Total wall time of the step."""
@@ -119,28 +111,26 @@ class PhaseClock:
     @contextmanager
     def phase(self, name: str):
         stats = self.stats.phases.setdefault(name, PhaseStats())
-        with nvtx_range(f"hbmplan.{self.stats.schedule}.{name}"):
-            if self.cuda:
-                torch.cuda.reset_peak_memory_stats()
-                start, end = (
-                    torch.cuda.Event(enable_timing=True),
-                    torch.cuda.Event(enable_timing=True),
-                )
-                start.record()
-                yield
-                end.record()
-                self._events.append((name, start, end))
-                stats.peak_bytes = max(stats.peak_bytes, torch.cuda.max_memory_allocated())
-            else:
-                t0 = time.perf_counter()
-                yield
-                stats.seconds += time.perf_counter() - t0
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            start, end = (
+                torch.cuda.Event(enable_timing=True),
+                torch.cuda.Event(enable_timing=True),
+            )
+            start.record()
+            yield
+            end.record()
+            self._events.append((name, start, end))
+            stats.peak_bytes = max(stats.peak_bytes, torch.cuda.max_memory_allocated())
+        else:
+            t0 = time.perf_counter()
+            yield
+            stats.seconds += time.perf_counter() - t0
 
     def sample(self, name: str, held_bytes: int) -> None:
         """Record that the schedule holds ``held_bytes`` during phase ``name`` (CPU)."""
         if not self.cuda:
-            stats = self.stats.phases.setdefault(name, PhaseStats())
-            stats.peak_bytes = max(stats.peak_bytes, int(held_bytes))
+            self.stats.record_peak(name, held_bytes)
 
     def finish(self) -> StepStats:
         for name, start, end in self._events:

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from hbmplan.group import Group
-from hbmplan.models.adapter import CausalLMAdapter
 from hbmplan.kernels.logprobs import chunk_rows, chunked_token_logprobs
+from hbmplan.models.adapter import CausalLMAdapter
 
 __all__ = [
     "LossFn",
@@ -137,7 +137,7 @@ def logprob_working_bytes(adapter: CausalLMAdapter, n_tokens: int, dtype: torch.
     (for the offload planner's phase-B estimate): the fp32 [N, V] log-softmax and its gradient,
     or, chunked, one chunk's buffers and the head's fp32 weight gradient."""
     acc = 8 if dtype == torch.float64 else 4
-    head = getattr(adapter, "lm_head", None)
+    head = adapter.lm_head
     if _plain_linear(head):
         V, h = head.weight.shape
         chunk = chunk_rows(n_tokens, V, h, dtype.itemsize, acc)
@@ -165,7 +165,7 @@ def token_logprobs(
     """
     dtype = torch.float64 if picked.dtype == torch.float64 else torch.float32
     tok = torch.cat(list(targets)).to(picked.device)
-    head = getattr(adapter, "lm_head", None)
+    head = adapter.lm_head
     chunk = None
     if _plain_linear(head) and not torch.is_autocast_enabled(picked.device.type):
         # chunks when they need less memory: nothing [N, V] kept

@@ -11,11 +11,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import hbmplan
-from hbmplan.models import DecoderConfig, ReferenceDecoder
-from hbmplan.capacity.step_bytes import estimate_step
 from hbmplan.capacity.frontier import Calibration, Shards, frontier, static_memory
 from hbmplan.capacity.presets import PRESETS, ModelSpec, model_spec
+from hbmplan.capacity.step_bytes import estimate_step
 from hbmplan.kernels import logprobs
+from hbmplan.models import DecoderConfig, ReferenceDecoder
 from hbmplan.schedules import dense_step, reuse_step
 
 transformers = pytest.importorskip("transformers")

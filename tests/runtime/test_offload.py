@@ -11,11 +11,12 @@ from hypothesis import strategies as st
 
 import hbmplan
 from hbmplan.allocator import PoolExhaustedError
-from hbmplan.runtime import capture as capture_mod
 from hbmplan.planner.timeline import Rates
+from hbmplan.runtime import capture as capture_mod
 from hbmplan.runtime import offload as offload_mod
+from hbmplan.runtime import planning as planning_mod
 from tests.helpers import grads_of, pg_loss, random_group, tiny_hf, tiny_reference
-from tests.models.test_moe import tiny_moe
+from tests.helpers.moe import tiny_moe
 
 
 def _steps(model, groups_per_step, **kw):
@@ -118,12 +119,12 @@ def test_a_missed_prediction_replans_and_stays_bitwise_same(monkeypatch):
     model = tiny_reference(torch.float32, layers=3)
     steps = [[random_group(P, [4, 6], seed=P, dtype=torch.float32)] for P in (30, 45, 45)]
     base, _ = _steps(model, steps, offload="off")
-    real = offload_mod.rescale
+    real = planning_mod.rescale
 
     def wrong(*args):  # every storage predicted at half its size
         return [dataclasses.replace(lt, nbytes=lt.nbytes // 2) for lt in real(*args)]
 
-    monkeypatch.setattr(offload_mod, "rescale", wrong)
+    monkeypatch.setattr(planning_mod, "rescale", wrong)
     moved, box = _steps(model, steps, offload="all")
     assert _equal(moved, base)
     _, missed, again = box["stats"]
@@ -228,11 +229,11 @@ def test_host_pool_exhausted_mid_step_restores_grads_and_releases_the_pool(monke
 
 
 def test_plans_kept_per_context_are_bounded(monkeypatch):
-    monkeypatch.setattr(offload_mod, "_MAX_PLANS", 2)
+    monkeypatch.setattr(planning_mod, "MAX_PLANS", 2)
     model = tiny_reference(torch.float32, layers=2)
     steps = [[random_group(P, [3, 4], seed=P, dtype=torch.float32)] for P in (20, 26, 31, 20)]
     _, box = _steps(model, steps, offload="all")
-    plans = box["mem"]._offloader._plans
+    plans = box["mem"]._planner._plans
     assert len(plans) == 2  # the two most recent shapes; P=20 came back as a prediction
     assert box["stats"][3].offload.predicted
 
