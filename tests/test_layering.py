@@ -113,3 +113,20 @@ def test_moved_modules_are_the_new_modules_with_a_warning():
         assert module.__spec__.name == new
         if fresh:
             assert any(issubclass(w.category, DeprecationWarning) for w in caught), old
+
+
+def test_the_package_imports_no_numpy():
+    """numpy is a test dependency only (pyproject: not in the runtime dependencies)."""
+    import ast
+
+    users = [
+        name
+        for name, path in MODULES.items()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        and any(
+            (a.name if isinstance(node, ast.Import) else node.module or "").split(".")[0] == "numpy"
+            for a in node.names
+        )
+    ]
+    assert users == []
