@@ -174,9 +174,12 @@ class Participants:
         """Whether a participant reads the prompt's saved-tensor capture."""
         return any(p.captures_prompt for p in self._parts)
 
-    def begin_step(self, ctx: StepContext) -> None:
+    def _each(self, hook: str, *args) -> None:
         for p in self._parts:
-            p.begin_step(ctx)
+            getattr(p, hook)(*args)
+
+    def begin_step(self, ctx: StepContext) -> None:
+        self._each("begin_step", ctx)
 
     def end_step(self, ctx: StepContext, failure: BaseException | None) -> BaseException | None:
         """Every participant's ``end_step``; one that raises makes ``ok`` False for the rest.
@@ -200,8 +203,7 @@ class Participants:
                 )
 
     def before_a(self, ctx: GroupContext) -> None:
-        for p in self._parts:
-            p.before_a(ctx)
+        self._each("before_a", ctx)
 
     @contextmanager
     def layer_hooks(self, ctx: GroupContext) -> Iterator[None]:
@@ -228,25 +230,19 @@ class Participants:
                 h.remove()
 
     def after_a(self, ctx: GroupContext) -> None:
-        for p in self._parts:
-            p.after_a(ctx)
+        self._each("after_a", ctx)
 
     def before_microbatch(self, ctx: MicrobatchContext) -> None:
-        for p in self._parts:
-            p.before_microbatch(ctx)
+        self._each("before_microbatch", ctx)
 
     def before_backward(self, ctx: MicrobatchContext) -> None:
-        for p in self._parts:
-            p.before_backward(ctx)
+        self._each("before_backward", ctx)
 
     def after_microbatch(self, ctx: MicrobatchContext) -> None:
-        for p in self._parts:
-            p.after_microbatch(ctx)
+        self._each("after_microbatch", ctx)
 
     def before_c(self, ctx: GroupContext) -> None:
-        for p in self._parts:
-            p.before_c(ctx)
+        self._each("before_c", ctx)
 
     def after_c(self, ctx: GroupContext) -> None:
-        for p in self._parts:
-            p.after_c(ctx)
+        self._each("after_c", ctx)

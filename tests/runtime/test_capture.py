@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from hbmplan.runtime import capture as capture_mod
 from hbmplan.runtime.capture import SavedTensorCapture
 from hbmplan.runtime.replay import rng_state, set_rng_state, without_cache
+from tests.helpers import replay_spy
 
 
 class Block(nn.Module):
@@ -103,18 +103,6 @@ def test_release_before_backward_is_an_error():
         y.backward()
 
 
-def _replays(monkeypatch) -> list[int]:
-    calls: list[int] = []
-    real = capture_mod.SavedTensorCapture._replay
-
-    def spy(self, layer):
-        calls.append(layer)
-        return real(self, layer)
-
-    monkeypatch.setattr(capture_mod.SavedTensorCapture, "_replay", spy)
-    return calls
-
-
 def test_dropped_layers_replay_and_give_the_same_gradients(monkeypatch):
     x0 = torch.randn(5, 8, dtype=torch.float64)
     layers = _model()
@@ -123,7 +111,7 @@ def test_dropped_layers_replay_and_give_the_same_gradients(monkeypatch):
     want = [p.grad.clone() for p in layers.parameters()] + [x.grad]
     layers.zero_grad(set_to_none=True)
 
-    replays = _replays(monkeypatch)
+    replays = replay_spy(monkeypatch)
     cap = SavedTensorCapture(exclude=list(layers.parameters()), layers=layers)
     cap.replay_layers = {0, 1}
     x = x0.clone().requires_grad_()

@@ -15,7 +15,7 @@ from hbmplan.planner.timeline import Rates
 from hbmplan.runtime import capture as capture_mod
 from hbmplan.runtime import offload as offload_mod
 from hbmplan.runtime import planning as planning_mod
-from tests.helpers import grads_of, pg_loss, random_group, tiny_hf, tiny_reference
+from tests.helpers import grads_of, pg_loss, random_group, replay_spy, tiny_hf, tiny_reference
 from tests.helpers.moe import tiny_moe
 
 
@@ -238,19 +238,6 @@ def test_plans_kept_per_context_are_bounded(monkeypatch):
     assert box["stats"][3].offload.predicted
 
 
-def _replays(monkeypatch) -> list[int]:
-    """The layers phase C replays, in order."""
-    layers: list[int] = []
-    real = capture_mod.SavedTensorCapture._replay
-
-    def spy(self, layer):
-        layers.append(layer)
-        return real(self, layer)
-
-    monkeypatch.setattr(capture_mod.SavedTensorCapture, "_replay", spy)
-    return layers
-
-
 SLOW_LINK = Rates(d2h_gbps=1e-4, h2d_gbps=1e-4)  # the planner then prefers recompute to copies
 
 
@@ -264,7 +251,7 @@ def test_recompute_replays_layers_and_is_bitwise_same(kind, dtype, monkeypatch):
     base, plain = _steps(model, steps, offload="off")
     no_offload = plain["stats"][1].phases
     budget = int(0.85 * max(p.peak_bytes for p in no_offload.values()))
-    replays = _replays(monkeypatch)
+    replays = replay_spy(monkeypatch)
     got, box = _steps(model, steps, hbm_budget=budget, rates=SLOW_LINK)
     assert _equal(got, base)
     first, predicted, cached = box["stats"]
@@ -281,7 +268,7 @@ def test_layers_that_cannot_replay_keep_their_tensors(monkeypatch):
     steps = [[random_group(P, [5, 9], seed=P, dtype=torch.float32)] for P in (30, 40)]
     base, plain = _steps(model, steps, offload="off")
     budget = int(0.85 * max(p.peak_bytes for p in plain["stats"][1].phases.values()))
-    replays = _replays(monkeypatch)
+    replays = replay_spy(monkeypatch)
     got, box = _steps(model, steps, hbm_budget=budget, rates=SLOW_LINK)
     assert _equal(got, base) and replays == []
     assert box["stats"][1].offload.plan.recompute_bytes > 0
@@ -304,7 +291,7 @@ def test_a_layer_whose_first_saved_tensor_is_not_its_input_is_never_replayed(mon
     steps = [[random_group(P, [5, 9], seed=P, dtype=torch.float32)] for P in (30, 40)]
     base, plain = _steps(model, steps, offload="off")
     budget = int(0.85 * max(p.peak_bytes for p in plain["stats"][1].phases.values()))
-    replays = _replays(monkeypatch)
+    replays = replay_spy(monkeypatch)
     got, _ = _steps(model, steps, hbm_budget=budget, rates=SLOW_LINK)
     assert _equal(got, base)
     assert replays and 1 not in replays
@@ -322,7 +309,7 @@ def test_replay_reuses_the_forward_rng_state(monkeypatch):
     torch.manual_seed(0)
     base, plain = _steps(model, steps, offload="off")
     peak = max(p.peak_bytes for p in plain["stats"][1].phases.values())
-    replays = _replays(monkeypatch)
+    replays = replay_spy(monkeypatch)
     got = None
     for fraction in (0.85, 0.9, 0.95):  # dropout masks add dormant bytes: find a feasible one
         torch.manual_seed(0)
