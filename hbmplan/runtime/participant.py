@@ -3,7 +3,9 @@
 
 Levels and hooks (every default does nothing):
 
-* step: ``begin_step`` (the :class:`StepPlan` is known; nothing has run), ``end_step(ok)`` (every
+* step: ``adjust_plan`` (may return a revised :class:`StepPlan`: drop responses that carry no
+  gradient, pad ranks to a common shape), ``begin_step`` (the plan is final; nothing has run),
+  ``end_step(ok)`` (every
   group has run, or the step failed: ``ok`` is False; always called once per ``begin_step``, so
   a cross-rank vote runs on a failing rank too), ``abort(exc)`` (after ``end_step`` of a failed
   step: release what the participant holds).
@@ -120,8 +122,13 @@ class Participant:
     captures_prompt: bool = False
     """Reads ``GroupContext.capture``: phase A runs under a saved-tensor capture."""
 
+    def adjust_plan(self, plan: StepPlan) -> StepPlan:
+        """Before anything runs: the step's plan as this participant needs it (the driver runs
+        the plan the last participant returns). An empty microbatch runs its hooks only."""
+        return plan
+
     def begin_step(self, ctx: StepContext) -> None:
-        """Before the first group: the step's plan is known."""
+        """Before the first group: the step's plan is final."""
 
     def end_step(self, ctx: StepContext, ok: bool) -> None:
         """After the last group (``ok``), or after a failure (not ``ok``); once per step."""
@@ -177,6 +184,17 @@ class Participants:
     def _each(self, hook: str, *args) -> None:
         for p in self._parts:
             getattr(p, hook)(*args)
+
+    def adjust_plan(self, plan: StepPlan) -> StepPlan:
+        """The plan after every participant's ``adjust_plan``, in order."""
+        for p in self._parts:
+            plan = p.adjust_plan(plan)
+            if not isinstance(plan, StepPlan):
+                raise TypeError(
+                    f"{type(p).__name__}.adjust_plan must return a StepPlan, got "
+                    f"{type(plan).__name__}"
+                )
+        return plan
 
     def begin_step(self, ctx: StepContext) -> None:
         self._each("begin_step", ctx)

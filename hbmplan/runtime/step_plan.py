@@ -42,7 +42,8 @@ class Microbatch:
     """One phase-B forward+backward of a group."""
 
     indices: tuple[int, ...]
-    """The group's responses it trains, in order. Empty: a microbatch without work."""
+    """The group's responses it trains, in order. Empty: no forward or backward runs, only the
+    microbatch hooks (a rank padding its step to the others' shape)."""
     rows: int
     """Rows it runs as: padded rows, or packed sequences."""
     tokens: int

@@ -97,6 +97,10 @@ def phase_b(
     group, step = ctx.group.group, ctx.group.step
     attention, adapter = step.plan.attention, step.adapter
     parts.before_microbatch(ctx)
+    if not ctx.microbatch.indices:  # no work: the hooks alone
+        parts.before_backward(ctx)
+        parts.after_microbatch(ctx)
+        return torch.zeros((), device=step.device)
     logits: list[torch.Tensor] = []
     routed = {"router_logits": logits} if router is not None else {}
     seqs = [torch.cat([group.prompt[-1:], t[:-1]]) for t in ctx.targets]
@@ -169,7 +173,7 @@ def run_group(
                 targets = tuple(plan.group.responses[r] for r in mb.indices)
                 mctx = MicrobatchContext(b, i, mb, targets)
                 total = total + phase_b(mctx, parts, prompt, loss_fn, router).to(total.dtype)
-                stats.microbatches += 1
+                stats.microbatches += bool(mb.indices)
         with clock.phase("C"):
             phase_c(dataclasses.replace(ctx, phase="C"), parts, prompt)
         return total

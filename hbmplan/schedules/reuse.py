@@ -122,14 +122,15 @@ def run_step(
     spec = resolve_router_loss(config.router_loss, adapter.router)
     validate_groups(groups, adapter.vocab_size, adapter.max_positions, model_device(adapter))
     adapter.check_schedulable()
-    plan = plan_step(adapter, groups, config)
+    meter = [ByteMeter()] if groups[0].prompt.device.type != "cuda" else []
+    parts = Participants([NvtxRanges(), *participants, *meter])
+    plan = parts.adjust_plan(plan_step(adapter, groups, config))
     device = groups[0].prompt.device
-    stats = StepStats("reuse", groups=len(groups), trajectories=sum(g.group_size for g in groups))
+    trajectories = sum(len(mb.indices) for g in plan.groups for mb in g.microbatches)
+    stats = StepStats("reuse", groups=len(plan.groups), trajectories=trajectories)
     stats.attention, stats.attention_note = plan.attention.name, plan.attention.why
     clock = PhaseClock(stats, device)
     router = RouterLoss(spec, config.router_loss) if spec is not None else None
-    meter = [ByteMeter()] if device.type != "cuda" else []
-    parts = Participants([NvtxRanges(), *participants, *meter])
     step = StepContext(adapter, plan, config, stats, device, routed=router is not None)
     failure = None
     try:

@@ -3,6 +3,8 @@ rely on it: which hooks run, in which order, with which contexts, and what a fai
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -201,3 +203,52 @@ def test_capture_only_when_a_participant_asks():
     groups = [random_group(7, [2, 3], seed=4, dtype=torch.float32)]
     reuse_step(tiny_reference(torch.float32), groups, pg_loss, participants=[Looks()])
     assert len(seen) == 1 and seen[0] > 0
+
+
+class DropResponse(Participant):
+    """Drops one response from the step's plan (as a filter of inert responses would) and pads
+    the group with an empty microbatch (as a rank matching the others' shape would)."""
+
+    def __init__(self, group: int, response: int, log: list) -> None:
+        self.group, self.response, self.log = group, response, log
+
+    def adjust_plan(self, plan):
+        g = plan.groups[self.group]
+        kept = tuple(mb for mb in g.microbatches if mb.indices != (self.response,))
+        empty = dataclasses.replace(kept[0], indices=(), rows=0, tokens=0)
+        groups = list(plan.groups)
+        groups[self.group] = dataclasses.replace(g, microbatches=(*kept, empty))
+        return dataclasses.replace(plan, groups=tuple(groups))
+
+    def before_backward(self, ctx):
+        self.log.append((ctx.microbatch.indices, ctx.loss is None))
+
+
+def test_a_participant_can_adjust_the_plan_the_driver_runs():
+    model = tiny_reference()
+    groups = _groups()
+
+    def zero_for_dropped(lp, group, i):  # the same step with response 1 of group 0 inert
+        loss = pg_loss(lp, group, i)
+        return loss * 0 if (group is groups[0] and i == 1) else loss
+
+    want = grads_of(model, lambda: reuse_step(model, groups, zero_for_dropped))
+    log: list = []
+    box = {}
+
+    def dropped():
+        box["stats"] = reuse_step(model, groups, pg_loss, participants=[DropResponse(0, 1, log)])
+
+    got = grads_of(model, dropped)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert ((1,), False) not in log and log.count(((), True)) == 1  # the empty one ran its hooks
+    assert box["stats"].trajectories == 3 and box["stats"].microbatches == 3
+
+
+def test_adjust_plan_must_return_a_plan():
+    class Bad(Participant):
+        def adjust_plan(self, plan):
+            return None
+
+    with pytest.raises(TypeError, match="Bad.adjust_plan must return a StepPlan, got NoneType"):
+        reuse_step(tiny_reference(), _groups(), pg_loss, participants=[Bad()])
