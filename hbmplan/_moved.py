@@ -25,6 +25,7 @@ MOVED = {
     "hbmplan.schedules.offload": "hbmplan.runtime.offload",
     "hbmplan.schedules.stats": "hbmplan.runtime.stats",
     "hbmplan.schedules.logprobs": "hbmplan.kernels.logprobs",
+    "hbmplan.flops": "hbmplan.capacity.flops",
 }
 """Old module path -> new module path."""
 
@@ -58,4 +59,4 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 def install() -> None:
     """Put the finder on ``sys.meta_path`` (once)."""
     if not any(isinstance(f, _Alias) for f in sys.meta_path):
-        sys.meta_path.append(_Alias())
+        sys.meta_path.insert(0, _Alias())  # before any finder that could find a stale file

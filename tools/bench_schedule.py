@@ -16,7 +16,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import hbmplan
-from hbmplan.flops import ModelShape, flop_ideal_speedup
+from hbmplan.capacity import model_spec
+from hbmplan.capacity.flops import flop_ideal_speedup
 from hbmplan.models import DecoderConfig, ReferenceDecoder
 from hbmplan.schedules import dense_step
 from tools.harness import markdown_table, time_median, write_results
@@ -56,7 +57,7 @@ def main() -> None:
     cfg, dtype, scale = (GPU_MODEL, torch.bfloat16, 1) if gpu else (CPU_MODEL, torch.float32, 16)
     torch.manual_seed(0)
     model = ReferenceDecoder(cfg).to(device=device, dtype=dtype)
-    shape = ModelShape.of(model)
+    shape = model_spec(model)
     loss_fn = hbmplan.losses.PolicyLoss()
     rows, table = [], []
     gib = lambda b: f"{b / 2**30:.2f}" if b is not None else "-"  # noqa: E731

@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import hbmplan
-from hbmplan.flops import ModelShape, flop_ideal_speedup
+from hbmplan.capacity.flops import flop_ideal_speedup
 from hbmplan.models import DecoderConfig, ReferenceDecoder
 from hbmplan.schedules import dense_step
 from tools.harness import card_name, time_median
@@ -87,7 +87,7 @@ def main() -> None:
     )
     t_dense, peak_dense = time_median(dense, device, args.repeats)
     t_reuse, peak_reuse = time_median(reuse, device, args.repeats)
-    ideal = flop_ideal_speedup(ModelShape.of(model), args.prompt, lens)
+    ideal = flop_ideal_speedup(model, args.prompt, lens)
 
     mib = 2**20
     print(f"hbmplan demo on {card_name(device)}, {args.dtype}: reference decoder h={args.hidden} "

@@ -2,75 +2,57 @@
 
 Convention (DESIGN.md): linear layers, attention at ``4 * Hq * D * keys`` per query per layer
 (QK^T and PV, causal keys only), the LM head on response positions only, and backward = 2x
-forward, so a trained token costs 3x its forward.
+forward, so a trained token costs 3x its forward. Shapes come from a
+:class:`~hbmplan.capacity.presets.ModelSpec` (or anything :func:`model_spec` reads: a model, a
+config, a preset name); the MLP is counted at ``intermediate_size``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["ModelShape", "dense_flops", "flop_ideal_speedup", "reuse_flops"]
+from hbmplan.capacity.presets import ModelSpec, model_spec
+
+__all__ = ["dense_flops", "flop_ideal_speedup", "linear_flops_per_token", "reuse_flops"]
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """The shape numbers FLOP counts need."""
+def _spec(shape: Any) -> ModelSpec:
+    return shape if isinstance(shape, ModelSpec) else model_spec(shape)
 
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
 
-    @classmethod
-    def of(cls, model) -> ModelShape:
-        """From a ReferenceDecoder, its DecoderConfig, or a Hugging Face model/config."""
-        from hbmplan.models.reference import DecoderConfig, ReferenceDecoder
+def linear_flops_per_token(spec: ModelSpec) -> int:
+    """Forward FLOPs of one token through one layer's projections and MLP."""
+    h, D = spec.hidden_size, spec.head_dim
+    q_o = 2 * h * spec.num_heads * D
+    kv = 2 * h * spec.num_kv_heads * D
+    return 2 * (q_o + kv + 3 * h * spec.intermediate_size)
 
-        cfg = model.cfg if isinstance(model, ReferenceDecoder) else model
-        if isinstance(cfg, DecoderConfig):
-            return cls(cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads,
-                       cfg.dim, cfg.intermediate_size, cfg.vocab_size)  # fmt: skip
-        cfg = getattr(cfg, "config", cfg)
-        heads = cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        return cls(cfg.hidden_size, cfg.num_hidden_layers, heads,
-                   getattr(cfg, "num_key_value_heads", heads), head_dim,
-                   cfg.intermediate_size, cfg.vocab_size)  # fmt: skip
 
-    @property
-    def linear_per_token(self) -> int:
-        """Forward FLOPs of one token through one layer's projections and MLP."""
-        q_o = 2 * self.hidden * self.heads * self.head_dim
-        kv = 2 * self.hidden * self.kv_heads * self.head_dim
-        return 2 * (q_o + kv + 3 * self.hidden * self.intermediate)
-
-    def attention(self, queries: int, keys_before: int) -> int:
-        """Forward attention FLOPs of ``queries`` consecutive tokens, query ``j`` seeing
-        ``keys_before + j + 1`` keys, in one layer."""
-        keys = queries * keys_before + queries * (queries + 1) // 2
-        return 4 * self.heads * self.head_dim * keys
+def _attention(spec: ModelSpec, queries: int, keys_before: int) -> int:
+    """Forward attention FLOPs of ``queries`` consecutive tokens, query ``j`` seeing
+    ``keys_before + j + 1`` keys, in one layer."""
+    keys = queries * keys_before + queries * (queries + 1) // 2
+    return 4 * spec.num_heads * spec.head_dim * keys
 
 
 def _train(forward: int) -> int:
     return 3 * forward
 
 
-def dense_flops(shape: ModelShape, prompt_len: int, response_lens: Sequence[int]) -> int:
+def dense_flops(shape: ModelSpec | Any, prompt_len: int, response_lens: Sequence[int]) -> int:
     """Training FLOPs of the dense trainer: each trajectory ``[p; r_i[:-1]]`` from scratch."""
+    s = _spec(shape)
     total = 0
-    for s in response_lens:
-        t = prompt_len + s - 1
-        layer = shape.linear_per_token * t + shape.attention(t, 0)
-        total += _train(shape.layers * layer + 2 * shape.hidden * shape.vocab * s)
+    for n in response_lens:
+        t = prompt_len + n - 1
+        layer = linear_flops_per_token(s) * t + _attention(s, t, 0)
+        total += _train(s.num_layers * layer + 2 * s.hidden_size * s.vocab_size * n)
     return total
 
 
 def reuse_flops(
-    shape: ModelShape, prompt_len: int, response_lens: Sequence[int], executed: bool = False
+    shape: ModelSpec | Any, prompt_len: int, response_lens: Sequence[int], executed: bool = False
 ) -> int:
     """Training FLOPs of the reuse schedule: the prompt ``p[:-1]`` once, then each response row
     ``[p[-1]; r_i[:-1]]`` attending to the ``P - 1`` prompt keys.
@@ -79,21 +61,66 @@ def reuse_flops(
     from the prompt K/V only, so in the last layer the prompt's query projection, attention,
     output projection and MLP run forward but never backward (the convention counts them 3x).
     """
+    s = _spec(shape)
     shared = prompt_len - 1
-    prompt = shape.layers * (shape.linear_per_token * shared + shape.attention(shared, 0))
-    total = _train(prompt)
+    per_layer = linear_flops_per_token(s) * shared + _attention(s, shared, 0)
+    total = _train(s.num_layers * per_layer)
     if executed:
-        kv_proj = 2 * 2 * shape.hidden * shape.kv_heads * shape.head_dim * shared
-        dead_tail = shape.linear_per_token * shared + shape.attention(shared, 0) - kv_proj
-        total -= 2 * dead_tail
-    for s in response_lens:
-        layer = shape.linear_per_token * s + shape.attention(s, shared)
-        total += _train(shape.layers * layer + 2 * shape.hidden * shape.vocab * s)
+        kv_proj = 2 * 2 * s.hidden_size * s.num_kv_heads * s.head_dim * shared
+        total -= 2 * (per_layer - kv_proj)
+    for n in response_lens:
+        layer = linear_flops_per_token(s) * n + _attention(s, n, shared)
+        total += _train(s.num_layers * layer + 2 * s.hidden_size * s.vocab_size * n)
     return total
 
 
-def flop_ideal_speedup(shape: ModelShape, prompt_len: int, response_lens: Sequence[int]) -> float:
+def flop_ideal_speedup(
+    shape: ModelSpec | Any, prompt_len: int, response_lens: Sequence[int]
+) -> float:
     """Dense FLOPs / reuse FLOPs: the speedup if both ran at the same FLOP rate."""
-    return dense_flops(shape, prompt_len, response_lens) / reuse_flops(
-        shape, prompt_len, response_lens
+    s = _spec(shape)
+    return dense_flops(s, prompt_len, response_lens) / reuse_flops(s, prompt_len, response_lens)
+
+
+class _ModelShape:
+    """The 0.1 shape type, now a :class:`ModelSpec` built from the seven numbers FLOP counts
+    need (``ModelShape(hidden, layers, heads, kv_heads, head_dim, intermediate, vocab)``)."""
+
+    def __new__(
+        cls,
+        hidden: int,
+        layers: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        intermediate: int,
+        vocab: int,
+    ) -> ModelSpec:
+        return ModelSpec(
+            name="model-shape", vocab_size=vocab, hidden_size=hidden, num_layers=layers,
+            num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+            intermediate_size=intermediate,
+        )  # fmt: skip
+
+    @classmethod
+    def of(cls, model: Any) -> ModelSpec:
+        """From a ReferenceDecoder, its DecoderConfig, or a Hugging Face model/config."""
+        s = model_spec(model)
+        return cls(s.hidden_size, s.num_layers, s.num_heads, s.num_kv_heads, s.head_dim,
+                   s.intermediate_size, s.vocab_size)  # fmt: skip
+
+
+def __getattr__(name: str):
+    """``ModelShape`` (0.1) for one more release, with a ``DeprecationWarning``: FLOP counts
+    take a :class:`ModelSpec`, the one shape type."""
+    if name != "ModelShape":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import warnings
+
+    warnings.warn(
+        "ModelShape moved to hbmplan.capacity.ModelSpec (flops take a ModelSpec, a model or a "
+        "config); the old name goes in the next release",
+        DeprecationWarning,
+        stacklevel=2,
     )
+    return _ModelShape
