@@ -73,6 +73,11 @@ class BenchConfig:
                 f"turns must satisfy 2 <= min_turns <= max_turns, "
                 f"got min_turns={self.min_turns}, max_turns={self.max_turns}"
             )
+        if self.max_turns > self.entities_per_split // 2:
+            raise ValueError(
+                f"max_turns must be <= entities_per_split // 2 (every shift needs a new entity), "
+                f"got max_turns={self.max_turns}, entities_per_split={self.entities_per_split}"
+            )
         probs = (self.p_follow_up, self.p_bridge, self.p_return)
         if any(p < 0 for p in probs) or sum(probs) > 1:
             raise ValueError(
@@ -107,6 +112,8 @@ class Benchmark:
     """Passages of both worlds, shuffled; a passage's index is its id."""
     splits: dict[str, tuple[Dialogue, ...]] = field(default_factory=dict)
     """``"dev"`` and ``"test"``: dialogues over disjoint entities."""
+    entities: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Each split's entity names (for analysis and tests; no method reads them)."""
     config: BenchConfig = BenchConfig()
 
 
@@ -313,4 +320,5 @@ def generate(config: BenchConfig | None = None) -> Benchmark:
         )
         for split, ents in worlds.items()
     }
-    return Benchmark(tuple(corpus), splits, cfg)
+    entities = {split: tuple(e.name for e in ents) for split, ents in worlds.items()}
+    return Benchmark(tuple(corpus), splits, entities, cfg)
