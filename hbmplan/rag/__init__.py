@@ -1,5 +1,5 @@
 """DH-RAG (Zhang et al., 2025, arXiv:2502.13847) as hbmplan's builder of long, stable shared prompts
-for multi-turn RL rollouts; each module cites the section of the paper it implements, by title.
+for multi-turn RL rollouts; each module names the part of the paper's method it implements.
 
 Needs the ``rag`` extra (``pip install hbmplan[rag]``: bm25s, scikit-learn); ``import hbmplan``
 does not import this package. Nothing here downloads a model or data: lexical retrieval (BM25),

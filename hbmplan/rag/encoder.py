@@ -1,5 +1,5 @@
-"""Text vectors for the history (clustering, matching, chain tracking): a pluggable embedding
-backend with a TF-IDF default from scikit-learn that needs no model and no download.
+"""Text vectors for the history (clustering, matching, chain tracking; the paper embeds with a
+model): a pluggable backend with a scikit-learn TF-IDF default that needs no model or download.
 
 Any object with ``encode(texts) -> array [n, d]`` of L2-normalised rows works (a sentence
 embedding model, for instance); similarities are dot products of those rows.

@@ -2,11 +2,22 @@
 database, the three strategies and the updating module): reconstruct the query from the history,
 retrieve, respond, record the turn, refresh and evict.
 
-Query reconstruction, stated once. The query keeps weight 1; the history adds weight
-``history_weight`` in total (lambda), split equally between the sources that found something:
-the chain (its steps, newest weighing most) and hierarchical matching (summaries and entries,
-each by its score). Each source's items share their half in proportion to their weights. So
-lambda means the same for DH-RAG and for the baselines (query + lambda x previous turn, ...).
+Query reconstruction, stated once (the paper reconstructs with an LLM; these are the extractive
+rules this implementation uses instead):
+
+1. Match the query against the history (hierarchical matching over the clusters). If an entry
+   matched, the chain it lies on becomes the current chain (*resume*: going back to a topic).
+2. Expansion: the history adds weight ``history_weight`` (lambda) in total, split equally between
+   the sources that found something: the current chain (its steps, newest weighing most) and the
+   matched history (summaries and entries, each by its score); each source's items share their
+   part in proportion to their weights. So lambda means the same for DH-RAG and for the
+   baselines (query + lambda x previous turn, ...).
+3. Given-new: the query's terms that the expansion already contains are the words by which the
+   user points back ("the shipping business"); they weigh ``given_weight`` (default 0: replaced
+   by what they point at), the query's other terms 1.
+
+A turn is atomic: if a pluggable step raises, the history, the chains and the turn counter are
+as they were before the call.
 """
 
 from __future__ import annotations
@@ -171,9 +182,19 @@ class DHRAG:
         return wq, evidence, sims, used
 
     def turn(self, query: str) -> TurnResult:
-        """Answer one user turn and record it."""
+        """Answer one user turn and record it (all or nothing)."""
         if not isinstance(query, str):
             raise TypeError(f"query must be a str, got {type(query).__name__}")
+        saved = (self.store.copy(), [list(c) for c in self.tracker.chains], self.tracker.current,
+                 dict(self._vectors), self._turn)  # fmt: skip
+        try:
+            return self._turn_unguarded(query)
+        except BaseException:
+            self.store, chains, self.tracker.current, self._vectors, self._turn = saved
+            self.tracker.chains = chains
+            raise
+
+    def _turn_unguarded(self, query: str) -> TurnResult:
         cfg, t = self.config, self._turn
         wq, evidence, sims, used = self.reconstruct(query)
         ranking = self.retriever.search(wq, self.ranking_depth)

@@ -1,5 +1,5 @@
 """The prompt builder: a turn's prompt as token ids for ``hbmplan.Group``, laid out so the part that
-does not change comes first (the paper's generation input: query, passages and history).
+does not change comes first (DH-RAG's generation input: the query, passages and history).
 
 Layout ``"stable"`` (the default)::
 

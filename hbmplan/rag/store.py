@@ -102,6 +102,13 @@ class HistoryStore:
         self._next_id += 1
         return entry
 
+    def copy(self) -> HistoryStore:
+        """An independent store with the same entries and the same next id."""
+        other = HistoryStore()
+        other._entries = dict(self._entries)
+        other._next_id = self._next_id
+        return other
+
     def update(self, entry_id: int, **changes: float | int) -> HistoryEntry:
         """Replace an entry's ``timestamp``/``relevance``/``weight`` (the fields updating owns)."""
         bad = set(changes) - {"timestamp", "relevance", "weight"}

@@ -95,6 +95,26 @@ def test_pluggable_steps(parts):
     assert m.tracker.chains[0][0][1] == f"step {DIALOGUE[0][0]}"
 
 
+def test_a_failing_step_leaves_no_trace(parts):
+    calls = {"n": 0}
+
+    def flaky(chain, query, response):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("chain step failed")
+        return response
+
+    m, ref = DHRAG(*parts, chain_step=flaky), DHRAG(*parts)
+    for q, _ in DIALOGUE[:2]:
+        m.turn(q), ref.turn(q)
+    before = (m.store.entries, [list(c) for c in m.tracker.chains], m.tracker.current)
+    with pytest.raises(RuntimeError, match="chain step failed"):
+        m.turn(DIALOGUE[2][0])
+    assert (m.store.entries, m.tracker.chains, m.tracker.current) == before
+    assert m.turn(DIALOGUE[2][0]).ranking == ref.turn(DIALOGUE[2][0]).ranking
+    assert m.store.entries == ref.store.entries
+
+
 def test_weighted_expansion():
     wq = weighted_expansion("q", [[("a", 1.0), ("b", 3.0)], [], [("c", 0.5), ("", 2.0)]], 0.5)
     assert wq == [("q", 1.0), ("a", 0.0625), ("b", 0.1875), ("c", 0.25)]
