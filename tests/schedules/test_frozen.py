@@ -13,7 +13,15 @@ import hbmplan
 from hbmplan.kernels import launch
 from hbmplan.models.adapter import adapt
 from hbmplan.schedules import dense_step
-from tests.helpers import grads_of, max_rel_diff, pg_loss, random_group, tiny_hf, tiny_reference
+from tests.helpers import (
+    assert_tolerance_rule,
+    grads_of,
+    max_rel_diff,
+    pg_loss,
+    random_group,
+    tiny_hf,
+    tiny_reference,
+)
 from tests.models.test_moe import grad_diff, tiny_moe
 
 interpreted = pytest.mark.skipif(
@@ -212,3 +220,30 @@ def test_a_head_tied_to_the_embedding_keeps_the_prompt_graph():
     got, [stats] = reuse(model, [groups])
     assert max_rel_diff(got, dense) <= 1e-6
     assert stats.grad_cache_bytes == 4 * kv_bytes_per_tensor(model, 15)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pattern", ["lora_qv", "lower", "head_only"])
+def test_frozen_parameters_on_cuda(pattern):
+    """The Triton kernel on CUDA (bf16, fp32 cache) with K/V that need no gradient: within the
+    tolerance rule of the fp64 dense gradients, no buffer for them, and offload through CUDA
+    streams bitwise the same as without."""
+
+    def model(dtype):
+        m = tiny_reference(dtype, layers=4, hidden=512, heads=8, kv_heads=2, max_positions=4096)
+        return frozen(m.to("cuda"), pattern)
+
+    lens = [64, 17, 1, 40, 64, 33]
+    groups = [random_group(512, lens, seed=0, device="cuda", dtype=torch.float32)]
+    m64 = model(torch.float64)
+    ref = grads_of(m64, lambda: dense_step(m64, groups, pg_loss))
+    m16 = model(torch.bfloat16)
+    dense16 = grads_of(m16, lambda: dense_step(m16, groups, pg_loss))
+    got, [stats] = reuse(m16, [groups], tokens_per_microbatch=256)
+    assert stats.attention == "triton"
+    assert_tolerance_rule(got, dense16, ref)
+    tensors = {"lora_qv": 7, "lower": 6, "head_only": 0}[pattern]  # of 2 x 4 layers
+    assert stats.grad_cache_bytes == tensors * 2 * 511 * 64 * 4
+    base, _ = reuse(m16, [groups] * 3, offload="off", tokens_per_microbatch=256)
+    moved, _ = reuse(m16, [groups] * 3, offload="all", tokens_per_microbatch=256)
+    assert _equal(moved, base)
