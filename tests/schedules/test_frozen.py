@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model, inject_adapter_in_model
 
 import hbmplan
@@ -102,6 +104,36 @@ def test_frozen_patterns_equal_dense_fp64(kind, pattern, attention):
     assert max_rel_diff(got, dense) <= (1e-12 if kind == "reference" else 1e-6)
     # no gK/gV buffer for a K or V without a graph (the largest group's cache is reported)
     assert stats.grad_cache_bytes == PATTERNS[pattern] * kv_bytes_per_tensor(model, 15)
+
+
+@given(
+    frozen_mask=st.lists(st.booleans(), min_size=21, max_size=21),  # one per parameter
+    prompt_len=st.integers(2, 20),
+    response_lens=st.lists(st.integers(1, 8), min_size=1, max_size=4),
+    attention=st.sampled_from(["padded", "reference"]),
+    tokens_per_microbatch=st.sampled_from([None, 12]),
+    seed=st.integers(0, 2**16),
+)
+@example(  # embeddings and layer 0 frozen: layer 0's K/V without a graph
+    frozen_mask=[True] * 10 + [False] * 11, prompt_len=9, response_lens=[3, 1],
+    attention="reference", tokens_per_microbatch=None, seed=0,
+)  # fmt: skip
+def test_any_frozen_subset_equals_dense_fp64(
+    frozen_mask, prompt_len, response_lens, attention, tokens_per_microbatch, seed
+):
+    """Any subset of the reference decoder's parameters frozen (each one independently)."""
+    model = tiny_reference(seed=seed % 5)
+    params = list(model.parameters())
+    for p, off in zip(params, frozen_mask, strict=True):
+        p.requires_grad_(not off)
+    if not any(p.requires_grad for p in params):
+        params[-1].requires_grad_(True)
+    groups = [random_group(prompt_len, response_lens, seed=seed)]
+    dense = grads_of(model, lambda: dense_step(model, groups, pg_loss))
+    got, _ = reuse(
+        model, [groups], attention=attention, tokens_per_microbatch=tokens_per_microbatch
+    )
+    assert max_rel_diff(got, dense) <= 1e-12
 
 
 def _count_backwards(monkeypatch) -> list[int]:
