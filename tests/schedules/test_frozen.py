@@ -220,11 +220,13 @@ def kernel_model(dtype, layers=2):
 
 
 @interpreted
-@pytest.mark.parametrize("deterministic", [False, True])
-@pytest.mark.parametrize("pattern", ["lora_qv", "lower", "head_only"])
+@pytest.mark.parametrize(
+    "pattern, deterministic",
+    [("lora_qv", False), ("lora_qv", True), ("lower", False), ("head_only", False)],
+)
 def test_triton_path_with_frozen_parameters(pattern, deterministic):
     """The kernel adds prompt dK/dV only for K/V with a buffer (fp32 vs the fp64 dense)."""
-    groups = [random_group(37, [5, 1, 20], seed=7, dtype=torch.float32)]
+    groups = [random_group(37, [5, 1, 12], seed=7, dtype=torch.float32)]
     m64 = frozen(kernel_model(torch.float64), pattern)
     ref = grads_of(m64, lambda: dense_step(m64, groups, pg_loss))
     m32 = frozen(kernel_model(torch.float32), pattern)
