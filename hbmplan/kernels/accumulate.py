@@ -29,7 +29,8 @@ class _AccumulateInto(torch.autograd.Function):
 
 def accumulate_into(x: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
     """``x`` unchanged, whose gradient is added into ``buffer`` (same shape, any float dtype, e.g.
-    an fp32 gradient cache) in place instead of reaching ``x.grad``. ``x`` must require grad.
+    an fp32 gradient cache) in place instead of reaching ``x.grad``. When ``x`` does not require
+    grad nothing is ever added.
 
     Its reference is plain autograd: ``x.grad`` after backward equals what ``buffer`` gains.
     """

@@ -64,6 +64,10 @@ class StepContext:
     """The model's device."""
     routed: bool
     """Forwards record router logits (a mixture-of-experts model with its router loss on)."""
+    prompt_graph: bool = True
+    """Phase A keeps a graph: some parameter outside the LM head trains. Without one (every
+    parameter the prompt forward reaches is frozen) phase A saves nothing and C has nothing to
+    do."""
 
     def model_storages(self) -> list[torch.Tensor]:
         """The model's parameters and buffers (a capture excludes them: they outlive a step)."""

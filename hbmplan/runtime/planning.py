@@ -107,6 +107,8 @@ class PromptPlanner(Participant):
         self.replay_layers: set[int] = set()
         self.streamed = self.was_predicted = self.mismatch = False
         self._predicted: dict[int, int] | None = None
+        self._unmet: tuple[dict[int, int], BudgetError] | None = None
+        """A prediction no plan fitted: its lifetimes' bytes and its error (see ``after_a``)."""
 
     @property
     def predicted(self) -> bool:
@@ -158,7 +160,10 @@ class PromptPlanner(Participant):
             plan, self.mismatch = None, True  # replan from the real capture
         if plan is None:
             b_working = self._b_working(ctx, per_token, ctx.kv_bytes)
-            self.plan = self._make_plan(t.lifetimes, t.hot_extra_bytes, b_working)
+            try:
+                self.plan = self._make_plan(t.lifetimes, t.hot_extra_bytes, b_working)
+            except BudgetError as exc:
+                raise self._smallest(exc, t.lifetimes) from None
             self.last = last
             self._plans.put(key, (self.plan, last))
         elif set(plan.decisions) != set(last):
@@ -206,11 +211,26 @@ class PromptPlanner(Participant):
         b_working = self._b_working(ctx, total / tokens, kv)
         try:
             plan = self._make_plan(lifetimes, hot_extra, b_working, t.replayable)
-        except BudgetError:
-            return None  # decided on the group's own capture, which may differ
+        except BudgetError as exc:
+            # decided on the group's own capture, which may differ
+            self._unmet = ({lt.id: lt.nbytes for lt in lifetimes}, exc)
+            return None
         self._predicted = {lt.id: lt.nbytes for lt in lifetimes}
         self.was_predicted = True
         return plan, {lt.id: lt.layer for lt in lifetimes}
+
+    def _smallest(self, exc: BudgetError, lifetimes: list[Lifetime]) -> BudgetError:
+        """The error naming the smallest budget a group of this shape succeeds with. A plan made
+        after phase A cannot recompute (the layers' calls were not kept), so its minimum can
+        exceed the one of the plan made before phase A, which a larger budget would have run:
+        when the prediction matched this capture (its plan would have been kept), that smaller
+        minimum is the real one."""
+        if self._unmet is None:
+            return exc
+        sizes, predicted = self._unmet
+        if sizes != {lt.id: lt.nbytes for lt in lifetimes}:
+            return exc  # a prediction that fitted would have been replanned like this one
+        return min(exc, predicted, key=lambda e: e.min_feasible)
 
     @staticmethod
     def _b_working(ctx: GroupContext, per_token: float, kv_bytes: int) -> int:

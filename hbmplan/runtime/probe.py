@@ -37,8 +37,8 @@ class Probe(Participant):
         )
 
     def before_a(self, ctx: GroupContext) -> None:
-        if not self.wanted(ctx.plan.prompt_tokens):
-            return
+        if not ctx.step.prompt_graph or not self.wanted(ctx.plan.prompt_tokens):
+            return  # (without a graph phase A saves nothing: nothing to plan)
         n, adapter, prompt = PROBE_TOKENS, ctx.adapter, ctx.group.prompt
         capture = SavedTensorCapture(ctx.step.model_storages(), adapter.layers)
         capture.check_inputs = self.planner.checks_inputs
@@ -51,7 +51,8 @@ class Probe(Participant):
                 kvs = adapter.prompt_kv(ids, torch.arange(n, device=prompt.device)[None], **kwargs)
             kv = [t for pair in kvs for t in pair]
             cache_dtype = ctx.step.config.grad_cache_dtype or accumulation_dtype(kv[0].dtype)
-            cache_bytes = sum(t.numel() for t in kv) * cache_dtype.itemsize
+            # a K/V without a graph (frozen weights only) has no gradient buffer
+            cache_bytes = sum(t.numel() for t in kv if t.requires_grad) * cache_dtype.itemsize
             self.planner.learn(capture, kv, cache_bytes, sum(t.nbytes for t in kv), n)
         finally:
             capture.release()

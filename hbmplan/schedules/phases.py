@@ -14,7 +14,9 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
+from hbmplan.models.adapter import CausalLMAdapter
 from hbmplan.models.packed import cu_seqlens_for
 from hbmplan.runtime.capture import SavedTensorCapture
 from hbmplan.runtime.participant import (
@@ -37,7 +39,22 @@ from hbmplan.schedules.microbatch import (
 )
 from hbmplan.schedules.router import PrefixRouterLeaves, RouterLoss, routing_sums, with_prefix
 
-__all__ = ["Prompt", "phase_a", "phase_b", "phase_c", "run_group"]
+__all__ = ["Prompt", "phase_a", "phase_b", "phase_c", "prompt_needs_graph", "run_group"]
+
+
+def prompt_needs_graph(adapter: CausalLMAdapter) -> bool:
+    """Whether phase A must keep a graph: some parameter that requires grad lies outside the LM
+    head (the only part of the model the prompt forward never runs; a head tied to the input
+    embedding is reached through it). With everything else frozen no prompt K/V can carry a
+    gradient, so phase A runs without a graph, keeps no activations, and phase C has nothing
+    to do."""
+    model: nn.Module = adapter.model
+    head = adapter.lm_head
+    prefix = next((f"{n}." for n, m in model.named_modules() if m is head), None)
+    return any(
+        p.requires_grad and not (prefix and name.startswith(prefix))
+        for name, p in model.named_parameters(remove_duplicate=False)
+    )
 
 
 @dataclass
@@ -63,14 +80,16 @@ class Prompt:
 
 
 def phase_a(ctx: GroupContext, parts: Participants, router: RouterLoss | None) -> Prompt:
-    """The prompt ``p[:-1]`` at positions ``0..P-2``, once, keeping its graph; each layer's
-    start calls the participants' ``on_layer``. Under ``ctx.capture`` when there is one."""
+    """The prompt ``p[:-1]`` at positions ``0..P-2``, once, keeping its graph (if any parameter
+    needs it: ``ctx.step.prompt_graph``); each layer's start calls the participants'
+    ``on_layer``. Under ``ctx.capture`` when there is one."""
     group, config = ctx.group, ctx.step.config
     n = group.prompt_len - 1
     logits: list[torch.Tensor] = []
     routed = {"router_logits": logits} if router is not None else {}
     capture = ctx.capture.phase("A") if ctx.capture is not None else contextlib.nullcontext()
-    with parts.layer_hooks(ctx), capture:
+    graph = contextlib.nullcontext() if ctx.step.prompt_graph else torch.no_grad()
+    with parts.layer_hooks(ctx), capture, graph:
         positions = torch.arange(n, device=group.prompt.device)[None]
         kv = ctx.adapter.prompt_kv(group.prompt[None, :-1], positions, **routed)
         prompt = Prompt(GradientCache(kv, config.grad_cache_dtype))

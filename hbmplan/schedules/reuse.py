@@ -42,7 +42,7 @@ from hbmplan.runtime import ByteMeter, NvtxRanges, offload_participants
 from hbmplan.runtime.participant import Participant, Participants, StepContext
 from hbmplan.runtime.stats import PhaseClock, StepStats
 from hbmplan.schedules.microbatch import LossFn
-from hbmplan.schedules.phases import run_group
+from hbmplan.schedules.phases import prompt_needs_graph, run_group
 from hbmplan.schedules.router import RouterLoss, count_reuse, resolve_router_loss
 from hbmplan.schedules.step_plan import plan_step
 
@@ -131,7 +131,9 @@ def run_step(
     stats.attention, stats.attention_note = plan.attention.name, plan.attention.why
     clock = PhaseClock(stats, device)
     router = RouterLoss(spec, config.router_loss) if spec is not None else None
-    step = StepContext(adapter, plan, config, stats, device, routed=router is not None)
+    step = StepContext(
+        adapter, plan, config, stats, device, router is not None, prompt_needs_graph(adapter)
+    )
     failure = None
     try:
         parts.begin_step(step)
