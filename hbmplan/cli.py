@@ -202,7 +202,7 @@ def _plot(
         handles.append(Line2D([], [], color=f"C{i}", ls=dashes[i % 6], lw=1.8,
                               marker=markers[i % 6], mec="black", mew=0.6, label=name))  # fmt: skip
     speed.set_title(f"speed at G={group}: estimated step time; marker = longest prompt that fits",
-                    fontsize=10)  # fmt: skip
+                    fontsize=10, pad=16)  # fmt: skip
     speed.set_xlabel("prompt length P (tokens)")
     speed.set_ylabel("seconds per group step, one device (log scale)")
     speed.set_yscale("log")
@@ -210,10 +210,10 @@ def _plot(
     speed.set_xlim(left=0)
     if chosen.prompt_len:
         speed.axvline(chosen.prompt_len, color="0.3", ls=":", lw=1.2, zorder=1)
-        speed.annotate(f"P={chosen.prompt_len:,}: the table's times", (chosen.prompt_len, 0.0),
-                       xycoords=("data", "axes fraction"), xytext=(4, 6),
+        speed.annotate(f"P={chosen.prompt_len:,} (the table's)", (chosen.prompt_len, 1.0),
+                       xycoords=("data", "axes fraction"), xytext=(0, 3), ha="center",
                        textcoords="offset points", fontsize=8, color="0.25")  # fmt: skip
-    cap.set_title("capacity: longest prompt that fits, by group size", fontsize=10)
+    cap.set_title("capacity: longest prompt that fits, by group size", fontsize=10, pad=16)
     cap.set_xscale("log", base=2)
     cap.set_xticks(groups, [str(g) for g in groups])
     cap.minorticks_off()
@@ -222,8 +222,9 @@ def _plot(
     cap.yaxis.set_major_formatter(kilo)
     cap.set_ylim(bottom=0)
     cap.axvline(group, color="0.3", ls=":", lw=1.2, zorder=1)
-    cap.annotate(f"requested G={group}", (group, 0.0), xycoords=("data", "axes fraction"),
-                 xytext=(4, 6), textcoords="offset points", fontsize=8, color="0.25")  # fmt: skip
+    cap.annotate(f"requested G={group}", (group, 1.0), xycoords=("data", "axes fraction"),
+                 xytext=(0, 3), ha="center", textcoords="offset points", fontsize=8,
+                 color="0.25")  # fmt: skip
     for ax in (speed, cap):
         ax.grid(True, alpha=0.3)
     fig.legend(handles=handles, loc="lower center", ncol=n, frameon=False, fontsize=9)
@@ -288,6 +289,7 @@ def _frontier(args: argparse.Namespace) -> int:
         ends = [f.max_prompt_len for f in result.schedules.values() if f.max_prompt_len]
         top = max(ends, default=0)
         grid = {round(top * k / PLOT_POINTS) for k in range(PLOT_POINTS + 1)} | {top // 50}
+        grid |= {e * k // 4 for e in ends if e < top // 8 for k in range(1, 4)}  # short lines
         prompts = sorted(p for p in {*grid, *ends, result.prompt_len} if p >= 2)
         by_prompt = {p: frontier(spec, group_size=args.group, prompt_len=p, **kwargs)
                      for p in prompts}  # fmt: skip

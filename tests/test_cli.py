@@ -183,3 +183,28 @@ def test_python_dash_m_dispatches_to_the_cli():
     bad = subprocess.run([sys.executable, "-m", "hbmplan", "frontier", "--hbm", "1GB"],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)  # fmt: skip
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--schedules", "dense,reuse+recompute"], "--schedules: must be a comma-separated list"),
+        (["--layers", "0"], "--layers: must be an integer >= 1, got '0'"),
+        (["--time-limit", "-5"], "--time-limit: must be a number > 0"),
+    ],
+)
+def test_measuring_tool_names_bad_options(argv, needle, capsys):
+    from tools.frontier import main as tool_main
+
+    with pytest.raises(SystemExit) as exc:
+        tool_main(argv)
+    assert exc.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_measuring_tool_help_shows_defaults(capsys):
+    from tools.frontier import main as tool_main
+
+    with pytest.raises(SystemExit):
+        tool_main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: 4)" in out and "(default: dense,reuse,reuse+offload,dense+ckpt)" in out

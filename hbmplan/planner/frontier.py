@@ -274,8 +274,9 @@ class FrontierResult:
         lo, hi = (x / 1e12 for x in c.flops_range)
         return [
             f"step time - ESTIMATE at P={self.prompt_len:,}: FLOPs at the {c.name}'s measured "
-            f"dense training rate {c.flops / 1e12:.0f} TFLOP/s ({lo:.0f}-{hi:.0f} measured),",
-            f"host copies at {c.d2h_gbps:.0f} GB/s through the planner's timeline model; "
+            "dense training rate",
+            f"({c.flops / 1e12:.0f} TFLOP/s; {lo:.0f}-{hi:.0f} measured), host copies at "
+            f"{c.d2h_gbps:.0f} GB/s through the planner's timeline;",
             "no FSDP/TP communication",
         ]
 
