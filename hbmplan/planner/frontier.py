@@ -267,7 +267,9 @@ class FrontierResult:
 
     def _time_lines(self) -> list[str]:
         if self.card is None:
-            return ["step time: not estimated (no measured rate for this dtype or target)"]
+            return [
+                "step time: not estimated (no card, or no measured rate for this dtype or target)"
+            ]
         if not self.prompt_len:
             return ["step time: not estimated (no schedule fits)"]
         c = self.card
