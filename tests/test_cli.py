@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from hbmplan import cli
 from hbmplan.cli import main
 from hbmplan.planner.frontier import Shards, frontier
 
@@ -63,9 +64,11 @@ def test_config_path_gives_the_same_numbers_as_the_preset(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["schedules"] == preset
 
 
-def test_json_and_plot_keep_stdout_parseable(tmp_path, capsys):
+def test_json_and_plot_keep_stdout_parseable(tmp_path, capsys, monkeypatch):
     # Issue 11: "plot written to ..." followed the JSON on stdout; messages go to stderr.
     pytest.importorskip("matplotlib", reason="--plot needs the optional matplotlib extra")
+    monkeypatch.setattr(cli, "PLOT_POINTS", 6)  # fewer frontier calls; the same figure
+    monkeypatch.setattr(cli, "PLOT_GROUPS", (1, 4, 64))
     png = tmp_path / "frontier.png"
     assert main([*ARGS, "--fsdp", "8", "--json", "--plot", str(png)]) == 0
     captured = capsys.readouterr()
@@ -208,3 +211,16 @@ def test_measuring_tool_help_shows_defaults(capsys):
         tool_main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "(default: 4)" in out and "(default: dense,reuse,reuse+offload,dense+ckpt)" in out
+
+
+def test_plot_draws_a_line_that_another_covers_wider_underneath():
+    same, other = [1.0, 2.0, 3.0], [10.0, 20.0, 30.0]
+    # drawn in order: the first coincides with the second and third, the second with the third
+    assert cli._widths([same, same, [1.0, 5.0, 9.0], other], 0.01) == [
+        1.6 + 2 * 2.2,
+        1.6 + 2.2,
+        1.6,
+        1.6,
+    ]
+    nan = float("nan")  # no point (does not fit) never counts as coinciding
+    assert cli._widths([[nan, 2.0], [nan, 3.0]], 0.01, log=True) == [1.6, 1.6]
