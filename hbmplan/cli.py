@@ -177,7 +177,7 @@ def _plot(
 
     chosen = by_group[group]
     names = list(chosen.schedules)
-    kilo = FuncFormatter(lambda v, _: f"{v / 1000:,.0f}k" if v else "0")
+    kilo = FuncFormatter(lambda v, _: f"{v / 1000:,.0f}k" if abs(v) >= 1000 else f"{v:,.0f}")
     fig, (speed, cap) = plt.subplots(1, 2, figsize=(13, 5.6), width_ratios=(1.35, 1))
     markers, dashes = "osD^vP", ["-", "--", "-.", ":", (0, (6, 2)), (0, (3, 1, 1, 1))]
     prompts, groups = sorted(by_prompt), sorted(by_group)
@@ -205,10 +205,18 @@ def _plot(
                     fontsize=10, pad=16)  # fmt: skip
     speed.set_xlabel("prompt length P (tokens)")
     speed.set_ylabel("seconds per group step, one device (log scale)")
-    speed.set_yscale("log")
     speed.xaxis.set_major_formatter(kilo)
-    speed.set_xlim(left=0)
-    if chosen.prompt_len:
+    if not any(math.isfinite(v) for row in times for v in row):
+        why = "no schedule fits" if not chosen.prompt_len else "no measured rate for this dtype"
+        speed.text(0.5, 0.5, f"no step-time estimate: {why}", ha="center", va="center",
+                   transform=speed.transAxes, fontsize=10, color="0.3")  # fmt: skip
+        speed.set_xticks([])
+        speed.set_yticks([])
+        speed.set_ylabel("")
+    else:
+        speed.set_yscale("log")
+        speed.set_xlim(left=0)
+    if chosen.prompt_len and chosen.card is not None:
         speed.axvline(chosen.prompt_len, color="0.3", ls=":", lw=1.2, zorder=1)
         speed.annotate(f"P={chosen.prompt_len:,} (the table's)", (chosen.prompt_len, 1.0),
                        xycoords=("data", "axes fraction"), xytext=(0, 3), ha="center",
@@ -221,6 +229,10 @@ def _plot(
     cap.set_ylabel("max prompt length P (tokens)")
     cap.yaxis.set_major_formatter(kilo)
     cap.set_ylim(bottom=0)
+    if not any(any(row) for row in caps):
+        cap.set_ylim(0, 1000)
+        cap.text(0.5, 0.5, "nothing fits at any G: static memory alone exceeds usable HBM",
+                 ha="center", va="center", transform=cap.transAxes, fontsize=9, color="0.3")  # fmt: skip
     cap.axvline(group, color="0.3", ls=":", lw=1.2, zorder=1)
     cap.annotate(f"requested G={group}", (group, 1.0), xycoords=("data", "axes fraction"),
                  xytext=(0, 3), ha="center", textcoords="offset points", fontsize=8,
@@ -296,7 +308,7 @@ def _frontier(args: argparse.Namespace) -> int:
         title = (
             f"hbmplan frontier ESTIMATE: {spec.name}, {args.hbm / 2**30:.1f} GiB, "
             f"fsdp={args.fsdp} tp={args.tp}, S={args.response}, {args.rows} row(s)/microbatch, "
-            f"{args.optimizer}; times at {args.card} rates"
+            f"{args.optimizer}" + (f"; times at {args.card} rates" if result.card else "")
         )
         _plot(args.plot, by_group, by_prompt, args.group, title)
         print(f"plot written to {args.plot}", file=sys.stderr)

@@ -224,3 +224,18 @@ def test_plot_draws_a_line_that_another_covers_wider_underneath():
     ]
     nan = float("nan")  # no point (does not fit) never counts as coinciding
     assert cli._widths([[nan, 2.0], [nan, 3.0]], 0.01, log=True) == [1.6, 1.6]
+
+
+@pytest.mark.parametrize(
+    "extra", [["--fsdp", "8", "--dtype", "float32"], []], ids=["no-rate", "nothing-fits"]
+)
+def test_plot_without_step_times_says_why(extra, tmp_path, capsys, monkeypatch):
+    # fp32 has no measured rate, and 8B with AdamW on one 80 GiB device fits nothing: the
+    # speed panel says so (it once failed to render an annotation on an empty log axis)
+    pytest.importorskip("matplotlib", reason="--plot needs the optional matplotlib extra")
+    monkeypatch.setattr(cli, "PLOT_POINTS", 2)
+    monkeypatch.setattr(cli, "PLOT_GROUPS", (1,))
+    png = tmp_path / "frontier.png"
+    assert main([*ARGS, *extra, "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "step time: not estimated" in capsys.readouterr().out
