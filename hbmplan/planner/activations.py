@@ -494,8 +494,8 @@ def estimate_step(
         rope_ids = 2 * Pm * spec.head_dim * b.it + P * 8  # of layers or checkpoints
         window = min(prefetch_layers, L)
         dormant, ckpt = b.largest_layer(1, Pm, 0) - b.kv(Pm), b.ckpt(Pm)
-        # (the last layer holds less than the others: the branch after its K/V died with the
-        # discarded hidden states, so a partial plan starts at the other end)
+        # what the last layer holds, less than the others: the branch after its K/V died with
+        # the discarded hidden states
         last = b.kv_path(1, Pm) - b.kv(Pm)
         if schedule == "reuse+offload":  # whole layers in flight (A) or prefetched (C); the
             # first k layers offload, the others keep their tensors
