@@ -1,4 +1,4 @@
-# make demo | make test | make bench | make lint
+# make demo | make test | make bench | make rag-eval | make lint
 # Uses $(VENV) (created on first use with the CPU torch wheel) unless PY is given, e.g.
 # `make test PY=python` inside an environment that already has torch (a GPU image).
 VENV ?= .venv
@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY ?= $(VENV)/bin/python
 STAMP := $(VENV)/.hbmplan-installed
 
-.PHONY: demo test bench lint setup
+.PHONY: demo test bench rag-eval lint setup
 
 ifeq ($(PY),$(VENV)/bin/python)
 SETUP := $(STAMP)
@@ -29,6 +29,9 @@ test: $(SETUP)
 
 bench: $(SETUP)
 	$(PY) tools/bench_schedule.py
+
+rag-eval: $(SETUP)
+	$(PY) tools/rag_eval.py
 
 lint: $(SETUP)
 	$(PY) -m ruff check hbmplan tests tools
