@@ -4,7 +4,8 @@ Convention (DESIGN.md): linear layers, attention at ``4 * Hq * D * keys`` per qu
 (QK^T and PV, causal keys only), the LM head on response positions only, and backward = 2x
 forward, so a trained token costs 3x its forward. Shapes come from a
 :class:`~hbmplan.capacity.presets.ModelSpec` (or anything :func:`model_spec` reads: a model, a
-config, a preset name); the MLP is counted at ``intermediate_size``.
+config, a preset name); the MLP at ``active_intermediate_size`` (a MoE layer: the k experts a
+token runs through).
 """
 
 from __future__ import annotations
@@ -14,7 +15,13 @@ from typing import Any
 
 from hbmplan.capacity.presets import ModelSpec, model_spec
 
-__all__ = ["dense_flops", "flop_ideal_speedup", "linear_flops_per_token", "reuse_flops"]
+__all__ = [
+    "attention_flops",
+    "dense_flops",
+    "flop_ideal_speedup",
+    "linear_flops_per_token",
+    "reuse_flops",
+]
 
 
 def _spec(shape: Any) -> ModelSpec:
@@ -26,10 +33,10 @@ def linear_flops_per_token(spec: ModelSpec) -> int:
     h, D = spec.hidden_size, spec.head_dim
     q_o = 2 * h * spec.num_heads * D
     kv = 2 * h * spec.num_kv_heads * D
-    return 2 * (q_o + kv + 3 * h * spec.intermediate_size)
+    return 2 * (q_o + kv + 3 * h * spec.active_intermediate_size)
 
 
-def _attention(spec: ModelSpec, queries: int, keys_before: int) -> int:
+def attention_flops(spec: ModelSpec, queries: int, keys_before: int) -> int:
     """Forward attention FLOPs of ``queries`` consecutive tokens, query ``j`` seeing
     ``keys_before + j + 1`` keys, in one layer."""
     keys = queries * keys_before + queries * (queries + 1) // 2
@@ -46,7 +53,7 @@ def dense_flops(shape: ModelSpec | Any, prompt_len: int, response_lens: Sequence
     total = 0
     for n in response_lens:
         t = prompt_len + n - 1
-        layer = linear_flops_per_token(s) * t + _attention(s, t, 0)
+        layer = linear_flops_per_token(s) * t + attention_flops(s, t, 0)
         total += _train(s.num_layers * layer + 2 * s.hidden_size * s.vocab_size * n)
     return total
 
@@ -63,13 +70,13 @@ def reuse_flops(
     """
     s = _spec(shape)
     shared = prompt_len - 1
-    per_layer = linear_flops_per_token(s) * shared + _attention(s, shared, 0)
+    per_layer = linear_flops_per_token(s) * shared + attention_flops(s, shared, 0)
     total = _train(s.num_layers * per_layer)
     if executed:
         kv_proj = 2 * 2 * s.hidden_size * s.num_kv_heads * s.head_dim * shared
         total -= 2 * (per_layer - kv_proj)
     for n in response_lens:
-        layer = linear_flops_per_token(s) * n + _attention(s, n, shared)
+        layer = linear_flops_per_token(s) * n + attention_flops(s, n, shared)
         total += _train(s.num_layers * layer + 2 * s.hidden_size * s.vocab_size * n)
     return total
 
