@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from hbmplan.group import Group
-from hbmplan.kernels.logprobs import chunk_rows, chunked_token_logprobs
+from hbmplan.kernels.logprobs import chunk_rows, chunked_token_logprobs, logprob_bytes
 from hbmplan.models.adapter import CausalLMAdapter
 
 __all__ = [
@@ -133,17 +133,17 @@ def _plain_linear(head: object) -> bool:
 
 
 def logprob_working_bytes(adapter: CausalLMAdapter, n_tokens: int, dtype: torch.dtype) -> int:
-    """Device bytes :func:`token_logprobs` of ``n_tokens`` tokens of a ``dtype`` model works in
-    (for the offload planner's phase-B estimate): the fp32 [N, V] log-softmax and its gradient,
-    or, chunked, one chunk's buffers and the head's fp32 weight gradient."""
+    """Device bytes :func:`token_logprobs` of ``n_tokens`` tokens of a ``dtype`` model holds and
+    works in at the LM head's backward, chunked or not as it would run
+    (:func:`hbmplan.kernels.logprobs.logprob_bytes`, held plus working): the offload planner's
+    phase-B estimate."""
     acc = 8 if dtype == torch.float64 else 4
     head = adapter.lm_head
+    V, h, chunk = adapter.vocab_size, 0, None
     if _plain_linear(head):
         V, h = head.weight.shape
         chunk = chunk_rows(n_tokens, V, h, dtype.itemsize, acc)
-        if chunk is not None:
-            return chunk * V * (dtype.itemsize + 2 * acc) + V * h * (acc + dtype.itemsize)
-    return 2 * acc * n_tokens * adapter.vocab_size
+    return sum(logprob_bytes(n_tokens, V, h, dtype.itemsize, acc, chunk))
 
 
 def token_logprobs(
