@@ -1,7 +1,7 @@
 """hbmplan: shared-prefix reuse and HBM planning for RL post-training on long shared prompts."""
 
 from hbmplan import _moved, losses, models, schedules
-from hbmplan.capacity.frontier import FrontierResult, Shards, frontier
+from hbmplan.capacity.frontier import FrontierConfig, FrontierResult, Shards, frontier
 from hbmplan.config import ReuseConfig
 from hbmplan.errors import BudgetError, HostMemoryError, PoolExhaustedError
 from hbmplan.group import Group
@@ -11,6 +11,7 @@ _moved.install()
 
 __all__ = [
     "BudgetError",
+    "FrontierConfig",
     "FrontierResult",
     "Group",
     "HostMemoryError",
