@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import hbmplan
 from hbmplan.capacity.frontier import calibrate_scale, frontier
 from hbmplan.capacity.presets import model_spec
