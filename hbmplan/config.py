@@ -26,6 +26,7 @@ __all__ = [
     "ReuseConfig",
     "RouterLossMode",
     "check_tokens_per_microbatch",
+    "config_or_keywords",
     "parse_bytes",
 ]
 
@@ -67,6 +68,21 @@ def check_tokens_per_microbatch(tokens_per_microbatch: int | None) -> None:
         )
     if tokens_per_microbatch < 1:
         raise ValueError(f"tokens_per_microbatch must be >= 1, got {tokens_per_microbatch}")
+
+
+def config_or_keywords(config: object, cls: type, keywords: dict, what: str) -> object:
+    """An options dataclass ``cls`` from an entry point that takes either ``config`` (an instance)
+    or the same options as ``keywords`` (each at its field's default unless given): both given,
+    or a ``config`` of another type, is a ``TypeError``. ``what`` names the options in it."""
+    if config is None:
+        return cls(**keywords)
+    if not isinstance(config, cls):
+        raise TypeError(f"config must be an hbmplan {cls.__name__}, got {type(config).__name__}")
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    given = sorted(k for k, v in keywords.items() if v != defaults[k])
+    if given:
+        raise TypeError(f"pass {what} in config or as keywords, not both: got {given}")
+    return config
 
 
 def _check_bool(name: str, value: object) -> None:

@@ -34,7 +34,7 @@ from hbmplan.capacity.step_bytes import (
     to_dtype,
 )
 from hbmplan.capacity.steptime import CARDS, Card, candidate_plans, step_time
-from hbmplan.config import parse_bytes
+from hbmplan.config import config_or_keywords, parse_bytes
 
 __all__ = [
     "Calibration",
@@ -160,20 +160,6 @@ class FrontierConfig:
         return Calibration(float(c), "given")
 
 
-def _config(config: FrontierConfig | None, keywords: dict) -> FrontierConfig:
-    if config is None:
-        return FrontierConfig(**keywords)
-    if not isinstance(config, FrontierConfig):
-        raise TypeError(f"config must be an hbmplan FrontierConfig, got {type(config).__name__}")
-    defaults = {f.name: f.default for f in dataclasses.fields(FrontierConfig)}
-    given = sorted(k for k, v in keywords.items() if v != defaults[k])
-    if given:
-        raise TypeError(
-            f"pass the frontier's options in config or as keywords, not both: got {given}"
-        )
-    return config
-
-
 def frontier(
     model_or_config: Any,
     hbm: int | str,
@@ -230,7 +216,8 @@ def frontier(
         fused_gqa=fused_gqa, offload_during_a=offload_during_a, attention=attention,
         max_prompt_len=max_prompt_len, prompt_len=prompt_len, card=card,
     )  # fmt: skip
-    return _search(model_or_config, hbm, group_size, response_len, _config(config, keywords))
+    cfg = config_or_keywords(config, FrontierConfig, keywords, "the frontier's options")
+    return _search(model_or_config, hbm, group_size, response_len, cfg)
 
 
 def _search(

@@ -28,14 +28,13 @@ recompute, the probe, byte metering, NVTX) is a participant.
 
 from __future__ import annotations
 
-import dataclasses
 import traceback
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from hbmplan.config import Attention, ReuseConfig, RouterLossMode
+from hbmplan.config import Attention, ReuseConfig, RouterLossMode, config_or_keywords
 from hbmplan.group import Group, validate_groups
 from hbmplan.models.adapter import CausalLMAdapter, adapt, model_device
 from hbmplan.runtime import ByteMeter, NvtxRanges, offload_participants
@@ -86,25 +85,13 @@ def reuse_step(
         check_finite=check_finite, router_loss=router_loss, attention=attention,
         deterministic=deterministic,
     )  # fmt: skip
-    cfg = _config(config, keywords)
+    cfg = config_or_keywords(config, ReuseConfig, keywords, "the step's options")
     adapter = adapt(model)
     _, offload, extra = offload_participants(model_device(adapter), cfg)
     try:
         return run_step(adapter, groups, loss_fn, cfg, [*participants, *extra])
     finally:
         offload.close()
-
-
-def _config(config: ReuseConfig | None, keywords: dict) -> ReuseConfig:
-    if config is None:
-        return ReuseConfig(**keywords)
-    if not isinstance(config, ReuseConfig):
-        raise TypeError(f"config must be an hbmplan ReuseConfig, got {type(config).__name__}")
-    defaults = {f.name: f.default for f in dataclasses.fields(ReuseConfig)}
-    given = sorted(k for k, v in keywords.items() if v != defaults[k])
-    if given:
-        raise TypeError(f"pass the step's options in config or as keywords, not both: got {given}")
-    return config
 
 
 def run_step(
