@@ -68,7 +68,7 @@ def test_ten_step_replay_aligns_per_step(replayed, tiny_trace):
     for tag in ("fp32", "bf16"):  # offload is invisible in the numbers: bitwise, every step
         assert d[f"reuse+offload-{tag} vs reuse-{tag} (max abs)"] == [0.0] * n
         assert replayed["runs"][f"reuse+offload-{tag}"]["offloaded_bytes"] > 0
-    for k in range(n):  # DESIGN.md's tolerance rule, step by step
+    for k in range(n):  # docs/design.md's tolerance rule, step by step
         assert d["reuse-fp32 vs dense-fp64"][k] <= 2 * d["dense-fp32 vs dense-fp64"][k]
         assert d["reuse-bf16 vs dense-fp32"][k] <= 2 * d["dense-bf16 vs dense-fp32"][k]
     assert replayed["replay_vs_record_params"] == 0.0  # same machine, same threads: bitwise

@@ -1,5 +1,5 @@
 """Replay a recorded GRPO trace with the dense and reuse schedules in lockstep, check the
-differences against DESIGN.md's rules, and write the report (``python tools/grpo_trace.py
+differences against docs/design.md's rules, and write the report (``python tools/grpo_trace.py
 replay``; see that module for the CLI).
 """
 
@@ -34,7 +34,7 @@ from tools.grpo_record import (
 from tools.grpo_task import build_model
 
 FP32_TARGET = 1e-5  # issue 7: max relative parameter difference at the last step, fp32
-FACTOR = 2.0  # DESIGN.md tolerance rule: |x - ref| <= 2 |x_dense - ref| (atol 0)
+FACTOR = 2.0  # docs/design.md tolerance rule: |x - ref| <= 2 |x_dense - ref| (atol 0)
 TAGS = {"float32": "fp32", "bfloat16": "bf16", "float64": "fp64"}
 DTYPES = ("float32", "bfloat16")
 
@@ -47,7 +47,7 @@ class RunSpec:
     """``dense_step`` (one row per microbatch) or ``hbmplan.memory(...).step``."""
     dtype: str
     """"float32", "bfloat16" (bf16 compute, fp32 master weights and AdamW state) or "float64"
-    (the reference of DESIGN.md's tolerance rule for the fp32 runs)."""
+    (the reference of docs/design.md's tolerance rule for the fp32 runs)."""
     offload: Literal["off", "all"] = "off"
     """The reuse schedule's offload mode."""
 
@@ -241,7 +241,7 @@ def replay(
 
 # -- report ------------------------------------------------------------------------------------
 def checks(result: dict) -> list[dict]:
-    """Issue 7's targets and DESIGN.md's tolerance rule (``ok`` True/False), at the last step
+    """Issue 7's targets and docs/design.md's tolerance rule (``ok`` True/False), at the last step
     unless said, then what is measured but not judged (``ok`` None)."""
     d, n, out = result["diffs"], result["steps"], []
 
@@ -312,7 +312,7 @@ def write_report(out: Path, name: str, result: dict, verdicts: list[dict]) -> li
         f"- bytes offloaded over the replay: {offloaded}\n"
         f"- dense-fp32 replay vs the recorded per-step loss: max abs difference "
         f"{result['replay_vs_record_loss']:.3g}\n\n## Checks\n\n{summary(verdicts)}\n\n"
-        f"`a / b <= 2` rows are DESIGN.md's tolerance rule, |x - ref| <= 2 |x_dense - ref|.\n\n"
+        f"`a / b <= 2` rows are docs/design.md's tolerance rule, |x - ref| <= 2 |x_dense - ref|.\n\n"
         f"## Per step\n\nParameter differences: max over parameters of max|a - b| / max|b|, b "
         f"the reference run; `(max abs)`: max|a - b|, 0 means bitwise equal.\n\n"
         f"{_table(header, rows)}\n"

@@ -14,7 +14,7 @@ AdamW. The trace is ``trace.json`` + ``trace.safetensors`` (never pickle).
 
 ``replay`` reruns the trace from the same init with ``dense_step`` and ``hbmplan.memory(...).step``
 (offload "off" and "all") in fp32 and bf16 (bf16 compute, fp32 master weights and AdamW state),
-plus a dense fp64 run as the reference of DESIGN.md's tolerance rule, all in lockstep. It checks
+plus a dense fp64 run as the reference of docs/design.md's tolerance rule, all in lockstep. It checks
 fp32 reuse against fp32 dense (<= 1e-5 relative at the last step), offload against no offload
 (bitwise) and the tolerance rule (fp32 vs fp64; bf16 vs the fp32 dense run), and writes
 ``STEM.md`` (table), ``STEM.json`` and ``STEM.png`` (difference curves). Exit status: 0 when every
