@@ -3,10 +3,13 @@
 # `make test PY=python` inside an environment that already has torch (a GPU image).
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# the CPU build of torch (PyPI's Linux wheel is the CUDA one, with GBs of CUDA libraries)
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 PY ?= $(VENV)/bin/python
 STAMP := $(VENV)/.hbmplan-installed
 # CPUs this process may use (affinity and cgroup CPU limit, not the host's core count); the
 # test suite runs one pytest-xdist worker per CPU, each with CPUS / workers torch threads
+# (tests/conftest.py); loadgroup keeps tests that share a module fixture on one worker
 CPUS = $$($(PY) tools/cpus.py)
 
 .PHONY: help demo test test-fast bench lint setup
@@ -18,12 +21,12 @@ endif
 help:  ## list the targets
 	@echo "hbmplan make targets (PY=$(PY)):"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 20
-	@echo "variables: PY=python (an environment that already has torch), VENV, TORCH_SPEC"
+	@echo "variables: PY=python (an environment that already has torch), VENV, TORCH_SPEC, TORCH_INDEX"
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q "$(TORCH_SPEC)"
+	$(VENV)/bin/pip install -q --extra-index-url $(TORCH_INDEX) "$(TORCH_SPEC)"
 	$(VENV)/bin/pip install -q -e ".[test,hf,triton,plot]" ruff
 	touch $(STAMP)
 
@@ -33,10 +36,10 @@ demo: $(SETUP)  ## reuse vs dense on a small model: gradient difference, speedup
 	$(PY) tools/demo.py
 
 test: $(SETUP)  ## the CPU test suite, one pytest-xdist worker per usable CPU
-	$(PY) -m pytest -q -n $(CPUS)
+	$(PY) -m pytest -q -n $(CPUS) --dist loadgroup
 
 test-fast: $(SETUP)  ## the CPU test suite without the tests marked slow
-	$(PY) -m pytest -q -n $(CPUS) -m "not slow"
+	$(PY) -m pytest -q -n $(CPUS) --dist loadgroup -m "not slow"
 
 bench: $(SETUP)  ## dense vs reuse over the benchmark grid (benchmarks/results/schedule_<card>_<date>.md)
 	$(PY) tools/bench_schedule.py

@@ -39,6 +39,11 @@ TINY = ["--prompt-len", "64", "--keys", "16", "--hidden", "32", "--ffn", "48", "
         "--threads", "1", "--no-progress"]  # fmt: skip
 
 
+# Tests that read the module's tiny trace run on one pytest-xdist worker (`make test` uses
+# --dist loadgroup), so that the trace is recorded and replayed once, not once per worker.
+SHARES_TRACE = pytest.mark.xdist_group("grpo_tiny_trace")
+
+
 def _digits(*ds: int) -> list[int]:
     return [DIGIT0 + d for d in ds]
 
@@ -59,6 +64,7 @@ def replayed(tiny_trace: Path) -> dict:
 
 
 # -- the replay ---------------------------------------------------------------------------------
+@SHARES_TRACE
 def test_ten_step_replay_aligns_per_step(replayed, tiny_trace):
     assert replayed["rc"] == 0, [c for c in replayed["checks"] if c["ok"] is False]
     d, n = replayed["diffs"], replayed["steps"]
@@ -76,6 +82,7 @@ def test_ten_step_replay_aligns_per_step(replayed, tiny_trace):
         assert (replayed["out"] / f"replay.{name}").stat().st_size > 0
 
 
+@SHARES_TRACE
 def test_the_replayed_run_actually_trains(tiny_trace):
     """Alignment means little if nothing moved: advantages, ratios and parameters all change."""
     trace = gr.load_trace(tiny_trace)
@@ -90,6 +97,7 @@ def test_the_replayed_run_actually_trains(tiny_trace):
     assert moved > 1e-2
 
 
+@SHARES_TRACE
 def test_replay_detects_a_reuse_step_that_differs(tiny_trace, tmp_path, monkeypatch):
     step = MemoryContext.step
 
@@ -120,6 +128,7 @@ def test_qwen3_record_and_replay_align(tmp_path):
     assert result["diffs"]["reuse+offload-fp32 vs reuse-fp32 (max abs)"] == [0.0] * 4
 
 
+@SHARES_TRACE
 def test_record_with_replay_equals_record_then_replay(replayed, tmp_path):
     """``record --replay`` (the recording doubles as the dense-fp32 run) gives the numbers a
     separate replay of the same trace gives, bit for bit: same runs, same order of arithmetic."""
@@ -158,6 +167,7 @@ def test_hundred_step_fp32_replay(tmp_path):
 
 
 # -- the trace ----------------------------------------------------------------------------------
+@SHARES_TRACE
 def test_trace_round_trips_without_pickle(tiny_trace, tmp_path):
     names = sorted(p.name for p in tiny_trace.iterdir())
     assert names == ["trace.json", "trace.safetensors"]
@@ -174,6 +184,7 @@ def test_trace_round_trips_without_pickle(tiny_trace, tmp_path):
     assert not [p for p in tmp_path.rglob("*") if p.suffix in (".pt", ".pth", ".pkl", ".bin")]
 
 
+@SHARES_TRACE
 def test_trace_contents_follow_from_the_task_and_the_policy(tiny_trace):
     trace = gr.load_trace(tiny_trace)
     steps = trace.meta["steps"]
@@ -317,6 +328,7 @@ def _bad_cases(tiny_trace: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
     }
 
 
+@SHARES_TRACE
 def test_bad_input_exits_2_with_one_line(tiny_trace, tmp_path, capsys):
     for case, (argv, needle) in _bad_cases(tiny_trace, tmp_path).items():
         assert gt.main(argv) == 2, case
