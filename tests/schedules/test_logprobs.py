@@ -128,7 +128,9 @@ def _chunking(monkeypatch, rows):
 
 
 @pytest.mark.parametrize(
-    "make", [tiny_reference, lambda: tiny_hf("Qwen3"), lambda: tiny_hf("Llama")], ids=str
+    "make",
+    [tiny_reference, lambda: tiny_hf("Qwen3"), lambda: tiny_hf("Llama")],
+    ids=["reference", "qwen3", "llama"],  # stable ids: pytest-xdist workers must agree
 )
 def test_schedules_train_the_same_with_chunked_logprobs(make, monkeypatch):
     model = make()
