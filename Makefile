@@ -12,7 +12,7 @@ STAMP := $(VENV)/.hbmplan-installed
 # (tests/conftest.py); loadgroup keeps tests that share a module fixture on one worker
 CPUS = $$($(PY) tools/cpus.py)
 
-.PHONY: help demo test test-fast bench lint setup
+.PHONY: help demo test test-fast bench rag-eval lint setup
 
 ifeq ($(PY),$(VENV)/bin/python)
 SETUP := $(STAMP)
@@ -43,6 +43,9 @@ test-fast: $(SETUP)  ## the CPU test suite without the tests marked slow
 
 bench: $(SETUP)  ## dense vs reuse over the benchmark grid (benchmarks/results/schedule_<card>_<date>.md)
 	$(PY) tools/bench_schedule.py
+
+rag-eval: $(SETUP)  ## the DH-RAG multi-turn prompt builder's evaluation (tools/rag_eval.py)
+	$(PY) tools/rag_eval.py
 
 lint: $(SETUP)  ## ruff check and ruff format --check
 	$(PY) -m ruff check hbmplan tests tools

@@ -43,6 +43,13 @@ class Group:
     data: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.validate()
+        self.responses = list(self.responses)
+
+    def validate(self) -> None:
+        """Check the group's own rules (the attributes above); ``TypeError``/``ValueError``
+        naming the rule and the value. Construction checks them, and every step re-checks every
+        group, since a group's fields can be changed after it was built."""
         _check_ids("prompt", self.prompt)
         if self.prompt.numel() < 2:
             raise ValueError(
@@ -66,7 +73,6 @@ class Group:
                 )
         if not isinstance(self.data, Mapping):
             raise TypeError(f"data must be a mapping, got {type(self.data).__name__}")
-        self.responses = list(self.responses)
 
     @property
     def group_size(self) -> int:
@@ -94,8 +100,9 @@ def validate_groups(
     max_positions: int | None,
     device: torch.device | None = None,
 ) -> None:
-    """Check groups against a model: token ids in ``[0, vocab_size)``, lengths within positions,
-    tokens on the model's ``device``.
+    """Check groups against a model: each group's own rules again (:meth:`Group.validate`: a
+    group may have changed since it was built), token ids in ``[0, vocab_size)``, lengths within
+    positions, tokens on the model's ``device``.
 
     Raises ``TypeError``/``ValueError`` naming the rule and the offending value. Costs one host
     sync per group (a min/max reduction), once per step.
@@ -107,6 +114,10 @@ def validate_groups(
     for g, group in enumerate(groups):
         if not isinstance(group, Group):
             raise TypeError(f"groups[{g}] must be an hbmplan.Group, got {type(group).__name__}")
+        try:
+            group.validate()
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{exc} in groups[{g}]") from None
         if device is not None and group.prompt.device != device:
             raise ValueError(
                 f"tokens must be on the model's device {device}, got groups[{g}] on "

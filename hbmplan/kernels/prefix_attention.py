@@ -59,6 +59,9 @@ def prefix_attention(
             schedule's [1, Hkv, Pp, D] buffers as ``g[0].transpose(0, 1)``). Backward *adds* the
             prompt's dK/dV into them in place (for each of k_prefix, v_prefix that requires grad)
             and returns ``None`` as their autograd gradients. Without it the gradients are ordinary.
+            Either entry may be ``None``: that tensor's gradient is then ordinary, and none is
+            computed when it does not require grad (a K/V only frozen weights produced); when
+            neither requires grad the prompt dK/dV kernel does not run.
         scale: softmax scale, default ``D ** -0.5``.
         impl: ``"triton"``, ``"reference"`` (:func:`prefix_attention_varlen_ref`), or ``"auto"``:
             Triton when q is on CUDA, Triton imports, D is 64 or 128, the dtype is 16/32-bit and
@@ -141,8 +144,8 @@ def triton_unsupported(
 def _triton_unsupported(q: torch.Tensor, grad_cache) -> tuple[type[Exception], str] | None:
     cache_dtype = None
     if grad_cache is not None:
-        gk, gv = grad_cache
-        cache_dtype = gk.dtype if gk.dtype != torch.float32 else gv.dtype
+        dtypes = [g.dtype for g in grad_cache if g is not None]
+        cache_dtype = next((d for d in dtypes if d != torch.float32), dtypes[0] if dtypes else None)
     return triton_unsupported(q.device, q.dtype, q.shape[-1], cache_dtype)
 
 
@@ -564,12 +567,16 @@ def _backward(ctx, dout):
         )  # fmt: skip
 
     dkp = dvp = None
+    gk, gv = ctx.grad_cache if ctx.grad_cache is not None else (None, None)
+    # a needed gradient without a cache entry is ordinary: a fresh fp32 buffer takes its place
+    own_k, own_v = need_kp and gk is None, need_vp and gv is None
     if (need_kp or need_vp) and n_prefix > 0:
-        if ctx.grad_cache is not None:
-            gk, gv = ctx.grad_cache
-        else:  # ordinary gradients: a fresh fp32 buffer takes the cache's place
+        if own_k:
             gk = torch.zeros(n_prefix, hkv, d, dtype=torch.float32, device=q.device)
-            gv = torch.zeros_like(gk)
+        if own_v:
+            gv = torch.zeros(n_prefix, hkv, d, dtype=torch.float32, device=q.device)
+        # a side that needs no gradient is never written: the other's buffer lends its pointer
+        gk, gv = (gv if gk is None else gk), (gk if gv is None else gv)
         key_tiles = triton.cdiv(n_prefix, c.block_n)
         split = launch.prefix_split(
             key_tiles, hkv, triton.cdiv(total, c.block_m), ctx.deterministic
@@ -582,11 +589,11 @@ def _backward(ctx, dout):
             WRITE_K=bool(need_kp), WRITE_V=bool(need_vp),
             num_warps=c.num_warps, num_stages=c.num_stages, **common,
         )  # fmt: skip
-        if ctx.grad_cache is None:
-            dkp = gk.to(k_prefix.dtype) if need_kp else None
-            dvp = gv.to(v_prefix.dtype) if need_vp else None
-    elif (need_kp or need_vp) and ctx.grad_cache is None:
-        dkp, dvp = torch.zeros_like(k_prefix), torch.zeros_like(v_prefix)
+        dkp = gk.to(k_prefix.dtype) if own_k else None
+        dvp = gv.to(v_prefix.dtype) if own_v else None
+    else:
+        dkp = torch.zeros_like(k_prefix) if own_k else None
+        dvp = torch.zeros_like(v_prefix) if own_v else None
 
     return (
         dq if need_q else None, dkp, dvp,

@@ -96,6 +96,8 @@ def prefix_attention_varlen_ref(
         grad_cache: ``(gk, gv)`` [Pp, Hkv, D] float buffers; backward adds the prompt's dK/dV into
             them in place (for whichever of k_prefix, v_prefix requires grad), and k_prefix and
             v_prefix get no autograd gradient. The reference builds a prompt-sized gradient first.
+            Either may be ``None``: that tensor's gradient is then ordinary (none when it does
+            not require grad, as for a K/V that only frozen weights produced).
         scale: softmax scale, default ``D ** -0.5``.
 
     Returns:
@@ -104,8 +106,9 @@ def prefix_attention_varlen_ref(
     # it reads cu_seqlens on the host anyway, so its values are checked wherever it lives
     check_varlen_inputs(q, k_prefix, v_prefix, k, v, cu_seqlens, grad_cache, check_values=True)
     if grad_cache is not None:
-        k_prefix = accumulate_into(k_prefix, grad_cache[0])
-        v_prefix = accumulate_into(v_prefix, grad_cache[1])
+        gk, gv = grad_cache
+        k_prefix = k_prefix if gk is None else accumulate_into(k_prefix, gk)
+        v_prefix = v_prefix if gv is None else accumulate_into(v_prefix, gv)
     kp = k_prefix.transpose(0, 1).unsqueeze(0)  # [1, Hkv, Pp, D]
     vp = v_prefix.transpose(0, 1).unsqueeze(0)
     outs = []
@@ -132,7 +135,8 @@ class _AccumulateInto(torch.autograd.Function):
 
 def accumulate_into(x: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
     """``x`` unchanged, whose gradient is added into ``buffer`` (same shape, any float dtype, e.g.
-    an fp32 gradient cache) in place instead of reaching ``x.grad``. ``x`` must require grad."""
+    an fp32 gradient cache) in place instead of reaching ``x.grad``. When ``x`` does not require
+    grad nothing is ever added."""
     return _AccumulateInto.apply(x, buffer)
 
 
@@ -207,6 +211,8 @@ def check_varlen_inputs(
         if len(grad_cache) != 2:
             raise ValueError(f"grad_cache must be a pair (gk, gv), got {len(grad_cache)} items")
         for name, g in zip(("gk", "gv"), grad_cache, strict=True):
+            if g is None:  # that prompt tensor's gradient, if any, is ordinary
+                continue
             if g.shape != k_prefix.shape:
                 raise ValueError(
                     f"grad_cache {name} must have k_prefix's shape {tuple(k_prefix.shape)}, got "

@@ -73,7 +73,8 @@ class PackedPrefix:
     Attributes:
         kv: per layer (k, v), each [Pp, Hkv, D] (views of the gradient cache's leaves).
         grad_cache: per layer (gk, gv) [Pp, Hkv, D] buffers the backward adds dK/dV into, or
-            ``None`` for ordinary autograd gradients on ``kv``.
+            ``None`` for ordinary autograd gradients on ``kv``; an entry is ``None`` where that
+            K or V needs no gradient (its leaf does not require grad).
         cu_seqlens: int32 [N+1] boundaries of the packed rows (0, increasing, T).
         max_seqlen: the longest packed row, in tokens.
         impl: the kernel implementation ("triton" or the PyTorch "reference").

@@ -106,6 +106,9 @@ class PromptOffloader:
         models, whose expert inputs are as large as routing makes them)."""
         self._predicted: dict[int, int] | None = None
         self._was_predicted = self._mismatch = False
+        self._unmet: tuple[dict[int, int], BudgetError] | None = None
+        """A prediction no plan fitted: its lifetimes' bytes and its error (see
+        :meth:`after_phase_a`)."""
 
     @property
     def active(self) -> bool:
@@ -165,7 +168,7 @@ class PromptOffloader:
         """Before phase A: stream offloads with the plan of this shape, or with one made now from
         the last capture rescaled to ``prompt_tokens`` (P - 1). ``b_working(saved bytes per
         prompt token, prompt K/V bytes)`` is phase B's working set for the planner."""
-        self._handles, self._plan, self._predicted = [], None, None
+        self._handles, self._plan, self._predicted, self._unmet = [], None, None, None
         self._streamed = self._was_predicted = self._mismatch = False
         self.prepare(capture)
         cached = self._plans.get(shape_key)
@@ -199,8 +202,10 @@ class PromptOffloader:
             plan = self._make_plan(
                 lifetimes, hot_extra, b_working(total / prompt_tokens, kv), t.replayable
             )
-        except BudgetError:
-            return None  # decided on the step's own capture, which may differ
+        except BudgetError as exc:
+            # decided on the step's own capture, which may differ
+            self._unmet = ({lt.id: lt.nbytes for lt in lifetimes}, exc)
+            return None
         self._predicted = {lt.id: lt.nbytes for lt in lifetimes}
         self._was_predicted = True
         return plan, {lt.id: lt.layer for lt in lifetimes}
@@ -267,7 +272,10 @@ class PromptOffloader:
         }:
             plan, self._mismatch = None, True  # replan from the real capture
         if plan is None:
-            plan = self._plan = self._make_plan(lifetimes, hot_extra, b_working_bytes)
+            try:
+                plan = self._plan = self._make_plan(lifetimes, hot_extra, b_working_bytes)
+            except BudgetError as exc:
+                raise self._smallest(exc, lifetimes) from None
             self._remember(shape_key, plan, last)
         elif set(plan.decisions) != set(last):
             # the capture differs from the step that made the plan: run this step on it as it
@@ -296,6 +304,19 @@ class PromptOffloader:
                     continue
                 self._handles.append((rec.last_layer, capture.offload(rec, self._engine)))
         return lifetimes
+
+    def _smallest(self, exc: BudgetError, lifetimes: list[Lifetime]) -> BudgetError:
+        """The error naming the smallest budget a step of this shape succeeds with. A plan made
+        after phase A cannot recompute (the layers' calls were not kept), so its minimum can
+        exceed the one of the plan made before phase A, which a larger budget would have run:
+        when the prediction matched this capture (its plan would have been kept), that smaller
+        minimum is the real one."""
+        if self._unmet is None:
+            return exc
+        sizes, predicted = self._unmet
+        if sizes != {lt.id: lt.nbytes for lt in lifetimes}:
+            return exc  # a prediction that fitted would have been replanned like this one
+        return min(exc, predicted, key=lambda e: e.min_feasible)
 
     def _make_plan(
         self,

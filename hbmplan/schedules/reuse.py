@@ -97,6 +97,21 @@ def _model_storages(adapter: CausalLMAdapter) -> list[torch.Tensor]:
     return [*model.parameters(), *model.buffers()]
 
 
+def _prompt_needs_graph(adapter: CausalLMAdapter) -> bool:
+    """Whether phase A must keep a graph: some parameter that requires grad lies outside the LM
+    head (the only part of the model the prompt forward never runs; a head tied to the input
+    embedding is reached through it). With everything else frozen no prompt K/V can carry a
+    gradient, so phase A runs without a graph, keeps no activations, and phase C has nothing
+    to do."""
+    model: nn.Module = adapter.model
+    head = getattr(adapter, "lm_head", None)
+    prefix = next((f"{n}." for n, m in model.named_modules() if m is head), None)
+    return any(
+        p.requires_grad and not (prefix and name.startswith(prefix))
+        for name, p in model.named_parameters(remove_duplicate=False)
+    )
+
+
 def _b_working_estimate(
     per_token: float,
     batches: list[tuple[int, int]],
@@ -140,7 +155,8 @@ def _probe(
         kv_flat = [t for kv in kvs for t in kv]
         kv_bytes = sum(t.nbytes for t in kv_flat)
         cache_dtype = grad_cache_dtype or accumulation_dtype(kv_flat[0].dtype)
-        grad_cache_bytes = sum(t.numel() for t in kv_flat) * cache_dtype.itemsize
+        # a K/V without a graph (frozen weights only) has no gradient buffer
+        grad_cache_bytes = sum(t.numel() for t in kv_flat if t.requires_grad) * cache_dtype.itemsize
         offloader.learn(capture, kv_flat, grad_cache_bytes, kv_bytes, n)
     finally:
         capture.release()
@@ -188,15 +204,17 @@ def _reuse_group(
     def b_working(per_token: float, kv_bytes: int) -> int:
         return _b_working_estimate(per_token, shapes, kv_bytes, logits_bytes, kv_copies)
 
+    needs_graph = _prompt_needs_graph(adapter)
     if offloader is not None:
-        if offloader.wants_probe(P - 1):
+        if needs_graph and offloader.wants_probe(P - 1):  # (without a graph: nothing to plan)
             _probe(adapter, group, offloader, exclude, grad_cache_dtype, router is not None)
         offloader.begin_group(prompt_capture, shape_key, P - 1, b_working)
     try:
-        # ---- Phase A: prompt forward once, keeping the graph. ----
+        # ---- Phase A: prompt forward once, keeping the graph (if any parameter needs it). ----
         with (
             clock.phase("A"),
             prompt_capture.phase("A") if prompt_capture else contextlib.nullcontext(),
+            contextlib.nullcontext() if needs_graph else torch.no_grad(),
         ):
             positions = torch.arange(P - 1, device=device)[None]
             cache = GradientCache(

@@ -224,15 +224,20 @@ class PrefixRouterLeaves:
         prompt: the prompt's sums (B = 1), still attached to the prompt graph.
         dtype: accumulation dtype; default :func:`accumulation_dtype` of the sums' dtype.
 
-    Memory: ``L * E`` (+ ``L`` with a z-loss) values, twice.
+    Memory: ``L * E`` (+ ``L`` with a z-loss) values, twice. A sum without a graph (every
+    parameter before it frozen) needs no gradient: its leaf does not require grad and its
+    buffer is ``None``.
     """
 
     def __init__(self, prompt: RoutingSums, dtype: torch.dtype | None = None) -> None:
         self.prompt: RoutingSums | None = prompt
         graph = [t for t in (prompt.prob_sums, prompt.z_sums) if t is not None]
-        self.leaves = [t.detach().requires_grad_() for t in graph]
+        self.leaves = [t.detach().requires_grad_(t.requires_grad) for t in graph]
         self.grads = [
-            torch.zeros_like(t, dtype=dtype or accumulation_dtype(t.dtype)) for t in graph
+            torch.zeros_like(t, dtype=dtype or accumulation_dtype(t.dtype))
+            if t.requires_grad
+            else None
+            for t in graph
         ]
 
     @property
@@ -243,7 +248,10 @@ class PrefixRouterLeaves:
     def views(self) -> RoutingSums:
         """The prompt's sums for one microbatch; their gradients accumulate into the buffers."""
         assert self.prompt is not None, "the leaves were released"
-        views = [accumulate_into(t, g) for t, g in zip(self.leaves, self.grads, strict=True)]
+        views = [
+            t if g is None else accumulate_into(t, g)
+            for t, g in zip(self.leaves, self.grads, strict=True)
+        ]
         return RoutingSums(
             counts=self.prompt.counts,
             prob_sums=views[0],
@@ -255,7 +263,9 @@ class PrefixRouterLeaves:
         """(prompt-graph tensor, accumulated gradient) pairs for phase C; releases the leaves."""
         assert self.prompt is not None, "the leaves were released"
         graph = [t for t in (self.prompt.prob_sums, self.prompt.z_sums) if t is not None]
-        pairs = [(t, g.to(t.dtype)) for t, g in zip(graph, self.grads, strict=True)]
+        pairs = [
+            (t, g.to(t.dtype)) for t, g in zip(graph, self.grads, strict=True) if g is not None
+        ]
         self.release()
         return pairs
 
