@@ -29,13 +29,17 @@ from torch import nn
 
 import hbmplan
 from hbmplan.models import DecoderConfig, ReferenceDecoder
-from hbmplan.planner.activations import cuda_masked_gqa_fused, estimate_step
+from hbmplan.planner.activations import cuda_masked_gqa_fused, estimate_step, prompt_layer_bytes
 from hbmplan.planner.frontier import calibrate_scale, frontier
 from hbmplan.planner.presets import model_spec
+from hbmplan.planner.steptime import step_time
 from hbmplan.schedules import dense_step, reuse_step
 
 GiB = 2**30
 ROOT = Path(__file__).resolve().parents[1]
+MEASURED = ("dense", "reuse", "reuse+offload", "dense+ckpt")
+"""The schedules this script runs ("reuse+offload" as ``hbmplan.memory(offload="auto")``, which
+may recompute as well)."""
 
 
 def _progress(total: int, desc: str):
@@ -163,7 +167,8 @@ def _markdown(res: dict) -> str:
         lines.append(f"| {k} | {m:,} | {p:,} | {100 * (p - m) / m:+.1f}% |")
     lines += ["", f"Fitted scale: {cal['scale']:.4f}", "", "## Frontier", "",
               "| schedule | measured max P | P+S | OOM at | estimated max P | peak measured (GiB) "
-              "| peak predicted (GiB) | error |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "| peak predicted (GiB) | error | s/step measured | s/step estimated (H200 rates) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in res["schedules"].items():
         m, p = r.get("peak_measured"), r.get("peak_predicted")
         err = f"{100 * (p - m) / m:+.1f}%" if m and p else "-"
@@ -171,25 +176,60 @@ def _markdown(res: dict) -> str:
             f"| {name} | {r['max_prompt_len']:,}{'+' if r['capped'] else ''}"
             f"{' (timed out)' if r['timed_out'] else ''} | {r['max_prompt_len'] + res['response']:,} | "
             f"{r['oom_at'] or '-'} | {r['estimated_max_prompt_len']:,} | "
-            f"{(m or 0) / GiB:.2f} | {(p or 0) / GiB:.2f} | {err} |"
+            f"{(m or 0) / GiB:.2f} | {(p or 0) / GiB:.2f} | {err} | "
+            f"{r['peaks'].get('seconds', 0):.3f} | {r.get('seconds_estimated', 0):.3f} |"
         )
+    lines += ["", "s/step measured: the last fitting step of the search (one step, no warm-up; "
+              "offload's includes planning and pinning the host pool). Estimated: "
+              "`hbmplan.planner.steptime.step_time`, the lowest plan of each schedule."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if not value > 0:
+            rule = "an integer >= 1" if kind is int else "a number > 0"
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _schedules(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names or any(n not in MEASURED for n in names):
+        raise argparse.ArgumentTypeError(
+            f"must be a comma-separated list from {', '.join(MEASURED)}, got {text!r}"
+        )
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     ap.add_argument("--measure", action="store_true", help="measure on the GPU (needs CUDA)")
-    ap.add_argument("--layers", type=int, default=4, help="decoder layers of Llama3-8B shape")
-    ap.add_argument("--response", type=int, default=1024)
-    ap.add_argument("--group", type=int, default=1)
-    ap.add_argument("--schedules", default="dense,reuse,reuse+offload,dense+ckpt")
-    ap.add_argument("--step", type=int, default=512, help="search granularity in tokens")
-    ap.add_argument("--max-prompt", type=int, default=262144)
-    ap.add_argument("--time-limit", type=float, default=360.0, help="seconds for all searches")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--layers", type=_positive(int), default=4,
+                    help="decoder layers of Llama3-8B shape")  # fmt: skip
+    ap.add_argument("--response", type=_positive(int), default=1024, help="S, tokens per response")
+    ap.add_argument("--group", type=_positive(int), default=1, help="G, responses per prompt")
+    ap.add_argument("--schedules", type=_schedules, default=",".join(MEASURED),
+                    help="the schedules to search (those this script can run)")  # fmt: skip
+    ap.add_argument("--step", type=_positive(int), default=512,
+                    help="search granularity in tokens")  # fmt: skip
+    ap.add_argument("--max-prompt", type=_positive(int), default=262144,
+                    help="upper end of the search")  # fmt: skip
+    ap.add_argument("--time-limit", type=_positive(float), default=360.0,
+                    help="seconds for all searches")  # fmt: skip
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
+                    help="where the .md and .json go")  # fmt: skip
     args = ap.parse_args(argv)
     cfg = DecoderConfig(vocab_size=32000, num_layers=args.layers, max_positions=1 << 21)
-    schedules = [s for s in args.schedules.split(",") if s]
+    schedules = args.schedules
     if not args.measure:
         print(frontier(cfg, "80GiB", args.group, args.response, schedules, optimizer="none"))
         return 0
@@ -225,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
                                name, torch.bfloat16, target="cuda", fused_gqa=fused)  # fmt: skip
             r["peak_predicted"] = static + max(v.total for v in ph.values())
             r["peak_measured"] = max(v for k, v in r["peaks"].items() if k != "seconds")
+            t = step_time(spec, r["max_prompt_len"], [args.response] * args.group, name,
+                          layer_bytes=prompt_layer_bytes(spec, r["max_prompt_len"],
+                                                         fused_gqa=fused))  # fmt: skip
+            r["seconds_estimated"] = t.seconds
         out[name] = r
     now = datetime.datetime.now(datetime.timezone.utc)
     card = torch.cuda.get_device_name(device)

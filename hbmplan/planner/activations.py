@@ -30,12 +30,17 @@ __all__ = [
     "Target",
     "cuda_masked_gqa_fused",
     "estimate_step",
+    "prompt_layer_bytes",
     "resolve_packed",
     "to_dtype",
 ]
 
-Schedule = Literal["dense", "dense+ckpt", "reuse", "reuse+offload"]
-SCHEDULES: tuple[Schedule, ...] = ("dense", "dense+ckpt", "reuse", "reuse+offload")
+Schedule = Literal[
+    "dense", "dense+ckpt", "reuse", "reuse+recompute", "reuse+offload", "reuse+offload+recompute"
+]
+SCHEDULES: tuple[Schedule, ...] = (
+    "dense", "dense+ckpt", "reuse", "reuse+recompute", "reuse+offload", "reuse+offload+recompute"
+)  # fmt: skip
 Target = Literal["cpu", "cuda"]
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
@@ -67,7 +72,9 @@ class PhaseBytes:
     grad_cache: int = 0
     """gK/gV accumulators: 2 L Hkv (P-1) D itemsize(fp32 for 16-bit models)."""
     microbatch: int = 0
-    """Saved tensors of the largest microbatch, log-prob workspace [N, V] included."""
+    """Saved tensors of the largest microbatch alive at the peak: the log-probs' [N, V] (or
+    chunked, [N]) included unless the peak is a layer's forward or backward (on CUDA), when the
+    LM head's saved tensors do not exist yet or are freed."""
     recompute: int = 0
     """One layer's activations rebuilt during backward (activation checkpointing)."""
     workspace: int = 0
@@ -218,6 +225,11 @@ class _Bytes:
             for moe in {s.moe_layers > 0, s.moe_layers < s.num_layers}
         )
 
+    def ckpt(self, tokens: int) -> int:
+        """A layer's first saved tensor, its input as the attention RMSNorm saves it (fp32 for
+        HF): the checkpoint a recomputed layer restarts from."""
+        return tokens * self.spec.hidden_size * self.ct
+
     def kv_path(self, rows: int, T: int) -> int:
         """The part of a layer that its K/V depend on: attention RMSNorm, k-norm, K and V."""
         s, n = self.spec, rows * T
@@ -247,9 +259,15 @@ class _Bytes:
 
     def lm_head(self, N: int) -> int:
         """Picked hidden [N, h], log-softmax output [N, V] (fp32; chunked: logsumexp [N] only),
-        gathered targets [N] int64."""
-        V = 1 if self.logprob_chunk(N) else math.ceil(self.spec.vocab_size / self.tp)
-        return N * (self.spec.hidden_size * self.it + V * self.acc + 8)
+        gathered targets [N] int64. All of it is freed by the LM head's backward."""
+        held, _ = self._logprobs(N)
+        return N * (self.spec.hidden_size * self.it + 8) + held
+
+    def _logprobs(self, N: int) -> tuple[int, int]:
+        V = math.ceil(self.spec.vocab_size / self.tp)
+        return logprobs.logprob_bytes(
+            N, V, self.spec.hidden_size, self.it, self.acc, self.logprob_chunk(N)
+        )
 
     def backward_workspace(self, rows: int, T: int, prefix: int) -> int:
         """One layer's backward: two [n, F] MLP gradients live at once (saved inputs are freed
@@ -271,13 +289,7 @@ class _Bytes:
     def logits_workspace(self, N: int) -> int:
         """Logits in the model dtype plus two fp32 [N, V] gradients in their backward; chunked,
         the same for one chunk plus the head's weight gradient in fp32 and its cast."""
-        V = math.ceil(self.spec.vocab_size / self.tp)
-        chunk = self.logprob_chunk(N)
-        if chunk is None:
-            return N * V * (self.it + 2 * self.acc)
-        return chunk * V * (self.it + 2 * self.acc) + V * self.spec.hidden_size * (
-            self.acc + self.it
-        )
+        return self._logprobs(N)[1]
 
 
 def _total(p: PhaseBytes) -> int:
@@ -325,16 +337,21 @@ def resolve_packed(
 
 
 def _pass(b: _Bytes, rows: int, T: int, prefix: int, lm_tokens: int) -> tuple[int, int]:
-    """(saved bytes, transient bytes) of one microbatch forward+backward (ids are fresh)."""
-    saved = (
-        b.layers(rows, T, prefix) + b.outside_layers(rows, T, rows * T * 8) + b.lm_head(lm_tokens)
-    )
-    ws = max(
-        b.backward_workspace(rows, T, prefix),
-        b.forward_workspace(rows, T),
-        b.logits_workspace(lm_tokens),
-    )
-    return saved, ws if b.target == "cuda" else 0
+    """(saved bytes, transient bytes) of one microbatch forward+backward at its peak (ids are
+    fresh).
+
+    The CPU accounting counts held tensors only: all of them, at the end of the forward. On
+    CUDA the peak is the larger of two moments: the LM head's backward (every saved tensor plus
+    the log-prob working bytes), and a layer's forward or backward, when the LM head's saved
+    tensors do not exist yet or are already freed (its backward is the step's first).
+    """
+    head = b.lm_head(lm_tokens)
+    saved = b.layers(rows, T, prefix) + b.outside_layers(rows, T, rows * T * 8) + head
+    if b.target != "cuda":
+        return saved, 0
+    logits = b.logits_workspace(lm_tokens)
+    layer = max(b.backward_workspace(rows, T, prefix), b.forward_workspace(rows, T))
+    return (saved, logits) if logits >= layer - head else (saved - head, layer)
 
 
 def estimate_step(
@@ -352,6 +369,8 @@ def estimate_step(
     fused_gqa: bool = False,
     offload_during_a: bool = True,
     attention: str = "auto",
+    recompute_layers: int | None = None,
+    offload_layers: int | None = None,
 ) -> dict[str, PhaseBytes]:
     """Predicted peak bytes per phase of one group's step, parameters excluded.
 
@@ -362,7 +381,12 @@ def estimate_step(
         schedule: "dense" (each trajectory [P + S_i - 1] its own row), "dense+ckpt" (the same with
             per-layer activation checkpointing), "reuse" (phases A/B/C, nothing offloaded),
             "reuse+offload" (dormant prompt activations on the host during B; during A and C only
-            ``prefetch_layers`` layers of them on the device).
+            ``prefetch_layers`` layers of them on the device), "reuse+recompute" (the planner's
+            recompute without offload: each layer's dormant tensors dropped after its forward
+            and rebuilt in C from its input, which stays on the device), "reuse+offload+recompute"
+            (the planner's lowest plan: every layer recomputed, its input offloaded; one layer
+            rebuilt and ``prefetch_layers`` inputs on the device in A and C; plans that offload
+            some layers whole and recompute others lie between it and "reuse+offload").
         dtype: parameter/activation dtype.
         target: "cpu" reproduces what the schedules' CPU ``StepStats`` count (saved tensors, CPU
             SDPA kernels, no transients); "cuda" models CUDA SDPA kernels and adds transients.
@@ -370,9 +394,11 @@ def estimate_step(
             (rows x longest row within this budget); ``None``: one row per microbatch.
         grad_cache_dtype: default fp32 for 16-bit models, else the model dtype.
         tp: tensor-parallel degree; divides heads, FFN width, experts' width and vocabulary.
-        prefetch_layers: reuse+offload's window of prompt layers on the device in A and C.
-        offload_during_a: reuse+offload streams dormant tensors to the host while A computes
-            (the design); ``False``: only after A, which then peaks like the reuse schedule.
+        prefetch_layers: the offload schedules' window of prompt layers on the device in A
+            and C.
+        offload_during_a: the offload and recompute schedules stream dormant tensors to the
+            host or drop them while A computes (a plan made before A, the design); ``False``:
+            only after A, which then peaks like the reuse schedule.
         fused_gqa: the CUDA memory-efficient SDPA kernel takes GQA with a mask or in fp32
             (pytorch#191085); ``False`` assumes torch's math fallback, which saves
             [B, Hq, T, S] probabilities (only fp32 GQA reaches it with the supported models).
@@ -380,6 +406,12 @@ def estimate_step(
             kernel over packed rows on CUDA when it takes the head dim and dtype, padded rows
             otherwise (see :func:`resolve_packed`). Packed rows count ``tokens_per_microbatch``
             as total tokens.
+        recompute_layers: "reuse+recompute" only: how many of the last layers recompute (the
+            planner recomputes as few as the budget allows); the others keep their tensors.
+            ``None``: every layer.
+        offload_layers: "reuse+offload" only: how many of the first layers offload (the
+            planner's layer-by-layer order; as few as the budget allows); the others keep
+            their tensors. ``None``: every layer.
 
     Returns:
         ``{"A", "B", "C"}`` for the reuse schedules, ``{"dense"}`` for the dense ones.
@@ -402,6 +434,9 @@ def estimate_step(
         raise ValueError(f"target must be 'cpu' or 'cuda', got {target!r}")
     if tp < 1 or prefetch_layers < 1:
         raise ValueError(f"tp and prefetch_layers must be >= 1, got {tp} and {prefetch_layers}")
+    for name, n in (("recompute_layers", recompute_layers), ("offload_layers", offload_layers)):
+        if n is not None and not 0 <= n <= spec.num_layers:
+            raise ValueError(f"{name} must lie in [0, {spec.num_layers}] (layers), got {n}")
     packed = schedule.startswith("reuse") and resolve_packed(
         attention, spec, dt, target, grad_cache_dtype
     )
@@ -411,17 +446,22 @@ def estimate_step(
     if schedule.startswith("dense"):
         best = PhaseBytes()
         for rows, T, N in _shapes([P + s - 1 for s in lens], lens, tokens_per_microbatch):
-            saved, ws = _pass(b, rows, T, 0, N)
             if schedule == "dense+ckpt":  # keep layer inputs only; rebuild one layer at a time
-                layer = b.largest_layer(rows, T, 0)
-                saved -= b.layers(rows, T, 0) - spec.num_layers * rows * T * spec.hidden_size * b.it
-                ws = (
-                    max(b.logits_workspace(N) - layer, b.backward_workspace(rows, T, 0))
-                    if cuda
-                    else 0
+                head = b.lm_head(N)
+                kept = spec.num_layers * rows * T * spec.hidden_size * b.it
+                kept += b.outside_layers(rows, T, rows * T * 8) + head
+                # the LM head's backward, then each layer rebuilt after the head's tensors died
+                at_head = PhaseBytes(
+                    microbatch=kept, workspace=b.logits_workspace(N) if cuda else 0
                 )
-                cand = PhaseBytes(microbatch=saved, recompute=layer, workspace=ws)
+                at_layer = PhaseBytes(
+                    microbatch=kept - head,
+                    recompute=b.largest_layer(rows, T, 0),
+                    workspace=b.backward_workspace(rows, T, 0) if cuda else 0,
+                )
+                cand = max(at_head, at_layer, key=_total)
             else:
+                saved, ws = _pass(b, rows, T, 0, N)
                 cand = PhaseBytes(microbatch=saved, workspace=ws)
             best = max(best, cand, key=_total)
         return {"dense": best}
@@ -453,10 +493,29 @@ def estimate_step(
     a = PhaseBytes(prompt_activations=full, prompt_kv=kv, workspace=fwd_ws)
     if cuda:
         a = max(a, PhaseBytes(prompt_activations=graph, prompt_kv=kv, grad_cache=cache), key=_total)
-    if schedule == "reuse+offload":  # K/V and RoPE tables stay; a window of the other layers
-        rope_ids = 2 * Pm * spec.head_dim * b.it + P * 8
-        window = min(prefetch_layers, spec.num_layers) * (b.largest_layer(1, Pm, 0) - b.kv(Pm))
-        graph, graph_b = rope_ids + window, rope_ids
+    L = spec.num_layers
+    r = L if recompute_layers is None else recompute_layers
+    k = L if offload_layers is None else offload_layers
+    if schedule != "reuse" and r and k:  # K/V and RoPE tables stay, and of the rest a window
+        rope_ids = 2 * Pm * spec.head_dim * b.it + P * 8  # of layers or checkpoints
+        window = min(prefetch_layers, L)
+        dormant, ckpt = b.largest_layer(1, Pm, 0) - b.kv(Pm), b.ckpt(Pm)
+        # what the last layer holds, less than the others: the branch after its K/V died with
+        # the discarded hidden states
+        last = b.kv_path(1, Pm) - b.kv(Pm)
+        if schedule == "reuse+offload":  # whole layers in flight (A) or prefetched (C); the
+            # first k layers offload, the others keep their tensors
+            graph_b = rope_ids if k == L else max(graph - k * dormant, rope_ids)
+            graph = graph_b + window * dormant
+        elif schedule == "reuse+offload+recompute":  # one layer computing (A) or rebuilt (C)
+            # beside a window of layer-input checkpoints in flight to or from the host
+            graph, graph_b = rope_ids + window * ckpt + dormant - ckpt, rope_ids
+        else:  # the last r layers keep only their checkpoint, one of them computing (A) or
+            # rebuilt (C) in full; the other layers keep everything
+            floor = rope_ids + L * ckpt
+            partial = graph - (last + (r - 1) * dormant - r * ckpt)
+            graph_b = floor if r == L else max(partial, floor)
+            graph = graph_b + dormant - ckpt
         if offload_during_a:
             a = PhaseBytes(prompt_activations=graph, prompt_kv=kv, grad_cache=cache if cuda else 0,
                            workspace=max(fwd_ws - cache, 0) if cuda else 0)  # fmt: skip
@@ -473,3 +532,21 @@ def estimate_step(
         workspace=(casts + max(bwd_ws - cache, 0)) if cuda else 0,
     )
     return {"A": a, "B": phase_b, "C": c}
+
+
+def prompt_layer_bytes(
+    spec: ModelSpec,
+    prompt_len: int,
+    dtype: str | torch.dtype = "bfloat16",
+    *,
+    target: Target = "cuda",
+    tp: int = 1,
+    fused_gqa: bool = False,
+) -> tuple[int, int]:
+    """(dormant, checkpoint) bytes of one prompt layer (the largest, for a mixed MoE model):
+    what its phase-A forward saves besides its K/V, which the offload schedules copy to the
+    host and back, and its input as the attention RMSNorm saves it, which a recomputed layer
+    keeps or copies instead."""
+    b = _Bytes(spec, to_dtype(dtype), target, tp, fused_gqa)
+    Pm = prompt_len - 1
+    return b.largest_layer(1, Pm, 0) - b.kv(Pm), b.ckpt(Pm)

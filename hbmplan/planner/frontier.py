@@ -3,6 +3,7 @@ from :mod:`hbmplan.planner.activations`, optionally calibrated against one measu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,10 +18,12 @@ from hbmplan.planner.activations import (
     Target,
     cuda_masked_gqa_fused,
     estimate_step,
+    prompt_layer_bytes,
     resolve_packed,
     to_dtype,
 )
 from hbmplan.planner.presets import ModelSpec, model_spec
+from hbmplan.planner.steptime import CARDS, Card, StepTime, candidate_plans, step_time
 
 __all__ = [
     "Calibration",
@@ -31,6 +34,7 @@ __all__ = [
     "calibrate_scale",
     "frontier",
     "static_memory",
+    "tp_problem",
 ]
 
 Optimizer = Literal["adamw", "sgd", "none"]
@@ -52,13 +56,26 @@ class Shards:
     fsdp: int = 1
     """Fully sharded data-parallel degree."""
     tp: int = 1
-    """Tensor-parallel degree."""
+    """Tensor-parallel degree; :func:`frontier` requires it to divide the model's query and
+    key/value heads (see :func:`tp_problem`)."""
 
     def __post_init__(self) -> None:
         for name in ("fsdp", "tp"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"shards.{name} must be an int >= 1, got {v!r}")
+
+
+def tp_problem(spec: ModelSpec, tp: int) -> str | None:
+    """Why ``tp`` cannot shard ``spec`` by heads, or ``None``: each rank holds whole query
+    heads and whole key/value heads (column-parallel q/k/v), so ``tp`` divides both counts."""
+    if spec.num_heads % tp or spec.num_kv_heads % tp:
+        valid = [d for d in range(1, spec.num_kv_heads + 1) if spec.num_kv_heads % d == 0]
+        return (
+            f"must divide the model's {spec.num_heads} query heads and {spec.num_kv_heads} "
+            f"key/value heads (one of {valid}), got {tp}"
+        )
+    return None
 
 
 @dataclass(frozen=True)
@@ -141,6 +158,15 @@ class ScheduleFrontier:
     """Predicted activation bytes per phase at ``max(max_prompt_len, 2)``, before ``scale``."""
     peak_bytes: dict[str, int]
     """Predicted device peak per phase: static memory + scaled activation bytes."""
+    time: StepTime | None = None
+    """ESTIMATED step time at :attr:`FrontierResult.prompt_len`; ``None`` where the schedule
+    does not fit that prompt, or no card rate applies (a 32/64-bit model, ``target="cpu"``)."""
+
+    @property
+    def limit(self) -> str:
+        """The phase whose peak binds at ``max_prompt_len``: "A" (prompt forward), "B"
+        (responses), "C" (prompt backward) or "dense"."""
+        return max(self.peak_bytes, key=self.peak_bytes.__getitem__)
 
 
 @dataclass(frozen=True)
@@ -175,6 +201,11 @@ class FrontierResult:
     """The fitted scale and its measurement, if calibrated."""
     target: Target = "cuda"
     """Device kernels the byte model assumed."""
+    prompt_len: int = 0
+    """P at which step times are estimated: the one asked for, else the longest prompt every
+    schedule that fits at all can train (0 when none fits)."""
+    card: Card | None = None
+    """Rates the step times assume."""
     estimate: bool = True
     """Always True: these figures are predictions."""
 
@@ -204,13 +235,52 @@ class FrontierResult:
                 "static memory alone exceeds usable HBM: shard it (fsdp/tp), drop optimizer "
                 "state, or use a larger device"
             )
-        header = f"{'schedule':<14}{'max P':>9}{'P+S':>9}   peak GiB per phase"
+        lines += self._time_lines()
+        w = max(len(name) for name in self.schedules) + 2
+        header = (
+            f"{'schedule':<{w}}{'max P':>9}{'P+S':>9}  {'limit':<6}{'s/step':>9}{'vs best':>10}"
+            "   peak GiB per phase"
+        )
         lines += ["", header, "-" * (len(header) + 16)]
+        times = [f.time.seconds for f in self.schedules.values() if f.time is not None]
         for f in self.schedules.values():
             peaks = "  ".join(f"{k} {gib(v)}" for k, v in f.peak_bytes.items())
             max_p = f"{f.max_prompt_len:,}" + ("+" if f.capped else "")
-            lines.append(f"{f.schedule:<14}{max_p:>9}{f.total_tokens:>9,}   {peaks}")
+            limit = f.limit if f.max_prompt_len else "-"
+            if f.time is not None:
+                sec, rel = f"{f.time.seconds:,.2f}", f"{f.time.seconds / min(times):.2f}x"
+            else:
+                sec, rel = "-", "no fit" if self.card is not None and self.prompt_len else "-"
+            lines.append(
+                f"{f.schedule:<{w}}{max_p:>9}{f.total_tokens:>9,}  {limit:<6}{sec:>9}{rel:>10}"
+                f"   {peaks}"
+            )
+        lines += [
+            "",
+            "limit: the phase whose peak binds at max P (A prompt forward, B responses, C prompt",
+            "backward). s/step: one group on one device at the P above; vs best: over the",
+            "fastest schedule that fits it. +recompute: the planner rebuilds prompt layers in C",
+            "(the frontier assumes all of them; the time takes the fewest that fit, or with",
+            "offload the count that hides copies best).",
+        ]
         return "\n".join(lines)
+
+    def _time_lines(self) -> list[str]:
+        if self.card is None:
+            return [
+                "step time: not estimated (no card, or no measured rate for this dtype or target)"
+            ]
+        if not self.prompt_len:
+            return ["step time: not estimated (no schedule fits)"]
+        c = self.card
+        lo, hi = (x / 1e12 for x in c.flops_range)
+        return [
+            f"step time - ESTIMATE at P={self.prompt_len:,}: FLOPs at the {c.name}'s measured "
+            "dense training rate",
+            f"({c.flops / 1e12:.0f} TFLOP/s; {lo:.0f}-{hi:.0f} measured), host copies at "
+            f"{c.d2h_gbps:.0f} GB/s through the planner's timeline;",
+            "no FSDP/TP communication",
+        ]
 
     def __str__(self) -> str:
         return self.table()
@@ -308,13 +378,17 @@ def frontier(
     offload_during_a: bool = True,
     attention: str = "auto",
     max_prompt_len: int = 1 << 22,
+    prompt_len: int | None = None,
+    card: str | Card | None = "h200",
 ) -> FrontierResult:
     """ESTIMATE, per schedule, the longest prompt P whose training step fits in ``hbm``.
 
     A step fits when, in every phase, static memory (parameters, gradients, optimizer state, per
     :class:`Shards`) plus ``scale`` x predicted activation bytes (see
     :func:`hbmplan.planner.activations.estimate_step`) stays within ``hbm x (1 - fragmentation)``.
-    Peaks grow with P, so P is found by binary search.
+    Peaks grow with P, so P is found by binary search. Each schedule's step time at one prompt
+    length (``prompt_len``) is ESTIMATED too, from its FLOPs and ``card``'s measured rates
+    (:func:`hbmplan.planner.steptime.step_time`), so that capacity and speed show side by side.
 
     Args:
         model_or_config: preset name ("llama3-8b", "qwen3-8b", "qwen3-30b-a3b"), path to a
@@ -323,17 +397,20 @@ def frontier(
         hbm: device memory, bytes or a string such as "80GiB".
         group_size: G responses per prompt.
         response_len: S tokens per response.
-        schedules: any of "dense", "dense+ckpt", "reuse", "reuse+offload".
+        schedules: any of :data:`~hbmplan.planner.activations.SCHEDULES`: "dense",
+            "dense+ckpt", "reuse", "reuse+recompute", "reuse+offload",
+            "reuse+offload+recompute" (see ``estimate_step``).
         dtype: parameter and activation dtype.
         optimizer: "adamw", "sgd" or "none" (see :class:`StaticMemory`).
-        shards: sharding degrees (see :class:`Shards`).
+        shards: sharding degrees (see :class:`Shards`); ``tp`` must divide the model's query
+            and key/value heads.
         calibrate: a model to measure one step of (see :func:`calibrate_scale`), a
             :class:`Calibration`, a scale factor, or ``None`` (scale 1).
         fragmentation: fraction of ``hbm`` kept free.
         rows_per_microbatch: trajectories (dense) or responses (reuse) per microbatch, at most G.
         master_weights: count an fp32 master copy of 16-bit parameters.
         grad_cache_dtype: gK/gV accumulation dtype; default fp32 for 16-bit models.
-        prefetch_layers: reuse+offload's window of prompt layers on the device.
+        prefetch_layers: the offload schedules' window of prompt layers on the device.
         target: "cuda" (CUDA kernels and transients) or "cpu" (held saved tensors only).
         fused_gqa: CUDA's memory-efficient SDPA takes GQA with a mask (see ``estimate_step``).
         offload_during_a: reuse+offload streams to the host during phase A (see ``estimate_step``).
@@ -343,6 +420,11 @@ def frontier(
             PyTorch reference has no byte model). Sliding windows are not modelled: a model
             whose window is shorter than the context runs padded rows.
         max_prompt_len: upper end of the search.
+        prompt_len: P at which to estimate step times; default: the longest prompt every
+            schedule that fits at all can train.
+        card: whose measured rates time the step (a name in
+            :data:`~hbmplan.planner.steptime.CARDS` or a :class:`~hbmplan.planner.steptime.Card`);
+            ``None``: no step times. Only 16-bit models on ``target="cuda"`` get times.
     """
     from hbmplan.memory import parse_bytes
 
@@ -363,6 +445,17 @@ def frontier(
         raise ValueError(f"fragmentation must lie in [0, 1), got {fragmentation!r}")
     if not isinstance(shards, Shards):
         raise TypeError(f"shards must be an hbmplan Shards, got {type(shards).__name__}")
+    problem = tp_problem(spec, shards.tp)
+    if problem is not None:
+        raise ValueError(f"shards.tp {problem}")
+    if prompt_len is not None:
+        _check_int("prompt_len", prompt_len, 2)
+    if isinstance(card, str):
+        if card not in CARDS:
+            raise ValueError(f"card must be one of {sorted(CARDS)}, got {card!r}")
+        card = CARDS[card]
+    elif card is not None and not isinstance(card, Card):
+        raise TypeError(f"card must be a name, a Card or None, got {type(card).__name__}")
     if isinstance(calibrate, torch.nn.Module):
         calibration = calibrate_scale(calibrate)
     elif isinstance(calibrate, Calibration):
@@ -379,19 +472,20 @@ def frontier(
     static = static_memory(spec, dt, optimizer, shards, master_weights)
     usable = int(hbm_bytes * (1.0 - fragmentation))
 
-    def phases(schedule: Schedule, P: int) -> dict[str, PhaseBytes]:
+    def phases(schedule: Schedule, P: int, **plan: int) -> dict[str, PhaseBytes]:
         row_len = S if schedule.startswith("reuse") else P + S - 1
         return estimate_step(
             spec, P, [S] * G, schedule, dt, target=target, tokens_per_microbatch=rows * row_len,
             grad_cache_dtype=grad_cache_dtype, tp=shards.tp, prefetch_layers=prefetch_layers,
             fused_gqa=fused_gqa, offload_during_a=offload_during_a, attention=attention,
+            **plan,
         )  # fmt: skip
 
     def peaks(ph: dict[str, PhaseBytes]) -> dict[str, int]:
         return {k: static.total + math.ceil(v.total * scale) for k, v in ph.items()}
 
-    def fits(schedule: Schedule, P: int) -> bool:
-        return max(peaks(phases(schedule, P)).values()) <= usable
+    def fits(schedule: Schedule, P: int, **plan: int) -> bool:
+        return max(peaks(phases(schedule, P, **plan)).values()) <= usable
 
     out: dict[str, ScheduleFrontier] = {}
     for schedule in dict.fromkeys(schedules):
@@ -408,9 +502,22 @@ def frontier(
         out[schedule] = ScheduleFrontier(
             schedule, lo, lo + S if lo else 0, lo == max_prompt_len, ph, peaks(ph)
         )
+    P = prompt_len or min((f.max_prompt_len for f in out.values() if f.max_prompt_len), default=0)
+    timed = card is not None and target == "cuda" and dt.itemsize == 2
+    if timed and P:
+        layer_bytes = prompt_layer_bytes(spec, P, dt, target=target, tp=shards.tp,
+                                          fused_gqa=fused_gqa)  # fmt: skip
+        plans = candidate_plans(spec.num_layers, lambda name, **kw: fits(name, P, **kw))
+        for name, f in out.items():
+            if f.max_prompt_len >= P:
+                t = step_time(
+                    spec, P, [S] * G, name, card, tp=shards.tp, layer_bytes=layer_bytes,
+                    prefetch_layers=prefetch_layers, plans=plans.get(name),
+                )  # fmt: skip
+                out[name] = dataclasses.replace(f, time=t)
     return FrontierResult(
         model=spec, dtype=dt, hbm_bytes=hbm_bytes, usable_bytes=usable,
         fragmentation=fragmentation, group_size=G, response_len=S, rows_per_microbatch=rows,
         optimizer=optimizer, shards=shards, static=static, schedules=out,
-        calibration=calibration, target=target,
+        calibration=calibration, target=target, prompt_len=P, card=card if timed else None,
     )  # fmt: skip

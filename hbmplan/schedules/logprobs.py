@@ -13,10 +13,48 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LOGITS_BUDGET", "chunk_rows", "chunked_token_logprobs", "token_logprobs_ref"]
+__all__ = [
+    "LOGITS_BUDGET",
+    "chunk_rows",
+    "chunked_token_logprobs",
+    "logprob_bytes",
+    "token_logprobs_ref",
+]
 
 LOGITS_BUDGET = 1 << 30
 """Target bytes of one chunk's fp32 [rows, V] logits; see :func:`chunk_rows`."""
+
+
+def logprob_bytes(
+    n_tokens: int,
+    vocab: int,
+    width: int,
+    itemsize: int,
+    acc_itemsize: int = 4,
+    chunk: int | None = None,
+) -> tuple[int, int]:
+    """(held, working) device bytes in which the two ways of computing log-probs differ.
+
+    ``held`` lives from the LM head's forward to its backward (the first node of the step's
+    backward): the plain formula's [N, V] log-softmax, N V acc bytes, or the chunks' [N]
+    logsumexps, N acc. ``working`` is the most the backward adds on top of it: for the plain
+    formula the logits in the model dtype and two [N, V] gradients, N V (itemsize + 2 acc); for
+    chunks of ``chunk`` rows the same for one chunk plus the LM-head weight gradient accumulated
+    in fp32 and cast, chunk V (itemsize + 2 acc) + V h (acc + itemsize). Both ways also hold the
+    [N, h] hidden states and the [N] int64 targets (not counted here).
+
+    Args:
+        n_tokens: N. vocab: V (the head's rows). width: h. itemsize: the model dtype's bytes.
+        acc_itemsize: the log-softmax dtype's bytes (4; 8 for an fp64 model).
+        chunk: rows per chunk, or ``None`` for the plain formula.
+    """
+    if chunk is None:
+        return n_tokens * vocab * acc_itemsize, n_tokens * vocab * (itemsize + 2 * acc_itemsize)
+    rows = min(chunk, n_tokens)
+    working = rows * vocab * (itemsize + 2 * acc_itemsize) + vocab * width * (
+        acc_itemsize + itemsize
+    )
+    return n_tokens * acc_itemsize, working
 
 
 def chunk_rows(
@@ -24,24 +62,21 @@ def chunk_rows(
 ) -> int | None:
     """Rows per chunk for the log-probs of ``n_tokens`` tokens, or ``None`` for the plain formula.
 
-    Chunks hold [rows, V] in ``acc_itemsize`` bytes within :data:`LOGITS_BUDGET`. Chunking is
-    chosen when it needs less memory than the plain formula, whose backward holds the
-    log-softmax and two gradients of it, N V (itemsize + 3 acc) bytes; a chunk needs at most
-    rows V (itemsize + 2 acc) (the logits and their upcast in forward, the in-place gradient
-    and its cast in backward), plus the LM-head weight gradient accumulated in fp32 and cast,
-    V h (acc + itemsize) bytes.
+    Chunks hold [rows, V] in ``acc_itemsize`` bytes within :data:`LOGITS_BUDGET` (one chunk of
+    all N rows when N is below that). Chunking is chosen when it needs less memory at the LM
+    head's backward, held plus working bytes of :func:`logprob_bytes`, than the plain formula.
+    Those are the bytes the choice adds to the step's peak, since the held ones are freed
+    before any layer's backward runs, and each way's total never falls as N grows, so neither
+    does the chosen one: a longer microbatch never needs less memory (the capacity frontier
+    relies on it).
 
     Args:
         n_tokens: N. vocab: V (the head's rows). width: h. itemsize: the model dtype's bytes.
         acc_itemsize: the log-softmax dtype's bytes (4; 8 for an fp64 model).
     """
-    rows = max(1, LOGITS_BUDGET // (vocab * acc_itemsize))
-    if n_tokens <= rows:
-        return None
-    plain = n_tokens * vocab * (itemsize + 3 * acc_itemsize)
-    chunked = rows * vocab * (itemsize + 2 * acc_itemsize) + vocab * width * (
-        acc_itemsize + itemsize
-    )
+    rows = min(max(1, LOGITS_BUDGET // (vocab * acc_itemsize)), max(1, n_tokens))
+    plain = sum(logprob_bytes(n_tokens, vocab, width, itemsize, acc_itemsize))
+    chunked = sum(logprob_bytes(n_tokens, vocab, width, itemsize, acc_itemsize, rows))
     return rows if chunked < plain else None
 
 

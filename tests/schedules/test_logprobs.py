@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from hbmplan.schedules import dense_step, logprobs, microbatch, reuse_step
@@ -86,6 +86,47 @@ def test_chunk_rows_chunks_only_when_it_saves_memory(monkeypatch):
     assert chunk_rows(1000, 100, 10_000, 2) is None  # the fp32 weight gradient would cost more
     monkeypatch.setattr(logprobs, "LOGITS_BUDGET", 10)
     assert chunk_rows(1000, 100, 8, 2) == 1  # never below one row
+
+
+def test_one_chunk_of_all_rows_when_that_needs_less_than_the_plain_formula(monkeypatch):
+    monkeypatch.setattr(logprobs, "LOGITS_BUDGET", 4000)  # 10 rows of V=100 fp32
+    # plain 10 x 100 x (2 + 12) = 14000 against one chunk 10 x 100 x (2 + 8) + 100 x 2 x 6 + 40
+    assert chunk_rows(10, 100, 2, 2) == 10
+    assert chunk_rows(4, 100, 2, 2) == 4  # 5600 against 4000 + 1200 + 16
+    assert chunk_rows(1, 100, 2, 2) is None  # 1400 against 1000 + 1200 + 4
+
+
+def _chosen_bytes(n, vocab, width, itemsize, acc):
+    chunk = chunk_rows(n, vocab, width, itemsize, acc)
+    return sum(logprobs.logprob_bytes(n, vocab, width, itemsize, acc, chunk))
+
+
+# Issue 11: before, N <= LOGITS_BUDGET / (4 V) rows (8371 here) always took the plain formula, so
+# one token more switched to chunks and needed 0.29 GB less (V = 32064, h = 4096: Llama3-8B, tp=4).
+@example(n=8371, vocab=32064, width=4096, itemsize=2, budget=1 << 30)
+@given(
+    n=st.integers(1, 5000),
+    vocab=st.integers(2, 3000),
+    width=st.integers(1, 600),
+    itemsize=st.sampled_from([2, 4, 8]),
+    budget=st.sampled_from([1, 4000, 1 << 16, 1 << 20]),
+)
+def test_chosen_log_prob_bytes_are_the_least_and_never_fall_with_more_tokens(
+    n, vocab, width, itemsize, budget
+):
+    """What the choice adds to a step's peak (held plus working bytes at the LM head's
+    backward) is the lesser of the two ways, and one more token never needs less: a longer
+    microbatch never fits where a shorter one did not (the capacity frontier relies on it)."""
+    acc = 8 if itemsize == 8 else 4
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(logprobs, "LOGITS_BUDGET", budget)
+        chosen = _chosen_bytes(n, vocab, width, itemsize, acc)
+        more = _chosen_bytes(n + 1, vocab, width, itemsize, acc)
+    rows = max(1, budget // (vocab * acc))
+    plain = sum(logprobs.logprob_bytes(n, vocab, width, itemsize, acc))
+    chunked = sum(logprobs.logprob_bytes(n, vocab, width, itemsize, acc, min(rows, n)))
+    assert chosen == min(plain, chunked)
+    assert more >= chosen
 
 
 @pytest.mark.parametrize(
