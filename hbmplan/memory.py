@@ -261,7 +261,7 @@ def memory(
             A, recomputes whole layers in phase C) when the budget requires it,
             "off" never (a budget is then only checked: ``BudgetError`` if it cannot hold),
             "all" every dormant tensor.
-        rates: link and compute rates the planner uses (default: DESIGN.md's H200 figures).
+        rates: link and compute rates the planner uses (default: docs/design.md's H200 figures).
         tokens_per_microbatch: default packing budget for response microbatches.
         atomic: restore ``.grad`` if a step raises (costs one gradient-sized buffer only when
             ``.grad`` already holds values at the start of the step; set ``False`` to skip).

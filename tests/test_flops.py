@@ -71,7 +71,7 @@ def test_measured_speedup_matches_flop_ideal(P, S, G):
 
 
 def test_design_table_flop_ideal():
-    """DESIGN.md's FLOP-ideal column for four Llama3-8B-shaped layers."""
+    """docs/design.md's FLOP-ideal column for four Llama3-8B-shaped layers."""
     shape = ModelShape(hidden=4096, layers=4, heads=32, kv_heads=8, head_dim=128,
                        intermediate=14336, vocab=32000)  # fmt: skip
     table = {(2048, 512, 4): 2.37, (2048, 512, 8): 3.07, (8192, 512, 8): 5.28,

@@ -81,7 +81,7 @@ class PromptOffloader:
         device: the model's device.
         budget: activation bytes the schedule may hold on the device (``None``: no limit).
         mode: "auto" (plan under ``budget``), "all" (offload every dormant storage), "off".
-        rates: link and compute rates for the planner (default: DESIGN.md's H200 numbers).
+        rates: link and compute rates for the planner (default: docs/design.md's H200 numbers).
 
     Owns one :class:`HostPool` (allocated once, grown only when a new shape needs more) and one
     :class:`OffloadEngine`; :meth:`close` releases both.
