@@ -127,7 +127,7 @@ class ReuseConfig:
     whole layers in phase C) when ``hbm_budget`` requires it; "off": never (a budget is then
     only checked: ``BudgetError`` if it cannot hold); "all": every dormant tensor."""
     rates: Rates | None = None
-    """Link and compute rates the offload planner uses (``None``: DESIGN.md's H200 figures)."""
+    """Link and compute rates the offload planner uses (``None``: docs/design.md's H200 figures)."""
     atomic: bool = True
     """:func:`hbmplan.memory` steps restore ``.grad`` if they raise (one gradient-sized buffer
     while gradients accumulate across steps). :func:`reuse_step` alone is never atomic."""

@@ -3,11 +3,30 @@ import os
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
+
+from tools.cpus import threads_per_process
 
 if not torch.cuda.is_available():  # before anything imports Triton (torch.nn.attention does)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from hypothesis import settings
+
+def _test_threads() -> int:
+    """Torch threads per test process: the usable CPUs shared among pytest-xdist's workers, so
+    that workers x threads never exceeds them (oversubscribed, every test waits on the others). An
+    OMP_NUM_THREADS set by the caller may lower it, never raise it."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    threads = threads_per_process(workers)
+    asked = os.environ.get("OMP_NUM_THREADS", "")
+    if asked.isdigit() and int(asked) >= 1:
+        threads = min(threads, int(asked))
+    return threads
+
+
+_THREADS = _test_threads()
+torch.set_num_threads(_THREADS)
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # subprocesses and spawned ranks
+    os.environ[_var] = str(_THREADS)
 
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
 settings.register_profile("dev", max_examples=25, deadline=None)
@@ -15,6 +34,9 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
 def pytest_collection_modifyitems(config, items):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # the longest tests first, so that no worker starts one while the others sit idle
+        items.sort(key=lambda item: "slow" not in item.keywords)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device; none is visible on this machine")

@@ -5,7 +5,8 @@ causal sequence [prompt; r1; ...; rG]. GPU only.
 
 FLOPs: 4 * Hq * D per (query, visible key) forward, backward 2.5x forward (5 matmuls to 2), so
 TFLOP/s compare like with like; (c) counts its own (larger) causal problem. Times are medians of
-CUDA-event timings after warmup. Writes benchmarks/results/attention_<card>_<yyyy-mm>.{md,json};
+CUDA-event timings after warmup, with their spread ((max - min) / median; a loud warning above
+15%). Writes benchmarks/results/attention_<card>_<yyyy-mm>.{md,json};
 prints the table last.
 """
 
@@ -26,13 +27,21 @@ from torch.nn.attention.bias import causal_lower_right
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hbmplan.kernels import launch, prefix_attention
-from tools.harness import markdown_table, write_results
+from tools.harness import (
+    NOISY_SPREAD,
+    add_threads_arg,
+    apply_threads,
+    machine_line,
+    markdown_table,
+    warn,
+    write_results,
+)
 
 BWD_OVER_FWD = 2.5
 
 
-def cuda_time(fn: Callable[[], object], repeats: int, warmup: int) -> float:
-    """Median seconds of ``fn`` over ``repeats`` runs, each timed by CUDA events."""
+def cuda_times(fn: Callable[[], object], repeats: int, warmup: int) -> list[float]:
+    """Seconds of each of ``repeats`` runs of ``fn``, each timed by CUDA events."""
     for _ in range(warmup):
         fn()
     times = []
@@ -43,7 +52,12 @@ def cuda_time(fn: Callable[[], object], repeats: int, warmup: int) -> float:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    return times
+
+
+def cuda_time(fn: Callable[[], object], repeats: int, warmup: int) -> float:
+    """Median seconds of ``fn`` over ``repeats`` runs, each timed by CUDA events."""
+    return statistics.median(cuda_times(fn, repeats, warmup))
 
 
 def gemm_tflops(repeats: int) -> float:
@@ -196,12 +210,14 @@ def measure(make, pb: Problem, repeats: int, warmup: int) -> dict:
     fwd, bwd, flops = make(pb)
     with torch.no_grad():
         t_fwd = cuda_time(fwd, repeats, warmup)
-    t_all = cuda_time(lambda: bwd(fwd()), repeats, warmup)
+    all_times = cuda_times(lambda: bwd(fwd()), repeats, warmup)
+    t_all = statistics.median(all_times)
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     bwd(fwd())
     peak = torch.cuda.max_memory_allocated() - base
-    return dict(fwd_s=t_fwd, fwd_bwd_s=t_all, flops=flops * (1 + BWD_OVER_FWD),
+    return dict(fwd_s=t_fwd, fwd_bwd_s=t_all, spread=(max(all_times) - min(all_times)) / t_all,
+                flops=flops * (1 + BWD_OVER_FWD),
                 tflops=flops * (1 + BWD_OVER_FWD) / t_all / 1e12, peak_bytes=peak)  # fmt: skip
 
 
@@ -242,7 +258,9 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--sweep", action="store_true", help="time tile configs instead")
     ap.add_argument("--no-write", action="store_true", help="print only")
+    add_threads_arg(ap)
     args = ap.parse_args()
+    apply_threads(args.threads)
     if not torch.cuda.is_available():
         print(
             "bench_attention.py needs a CUDA GPU (it times Triton and SDPA kernels)",
@@ -250,6 +268,7 @@ def main() -> None:
         )
         sys.exit(2)
     device = torch.device("cuda")
+    print(machine_line(), flush=True)
     problems = [Problem(p, args.responses, args.length, args.heads, args.kv_heads, args.head_dim)
                 for p in args.prompts]  # fmt: skip
     if args.sweep:
@@ -258,7 +277,7 @@ def main() -> None:
         return
 
     peak = gemm_tflops(args.repeats)
-    rows, table = [], []
+    rows, table, notes = [], [], []
     for pb in problems:
         results = {}
         for name in args.methods:
@@ -267,25 +286,32 @@ def main() -> None:
             except Exception as e:  # e.g. out of memory at 32k for the padded SDPA
                 print(f"P={pb.prompt} {name}: failed ({type(e).__name__}: {e})", file=sys.stderr)
             torch.cuda.empty_cache()
+            if name in results and results[name]["spread"] > NOISY_SPREAD:
+                notes.append(warn(f"noisy measurement: P={pb.prompt} {name} fwd+bwd spread "
+                                  f"{100 * results[name]['spread']:.0f}% over {args.repeats} runs "
+                                  f"({machine_line()})"))  # fmt: skip
         plain = [results[n]["fwd_bwd_s"] for n in results if n.startswith(("(a)", "(b)"))]
         for name, r in results.items():
             vs = min(plain) / r["fwd_bwd_s"] if plain and name.startswith("hbmplan") else None
             rows.append(dict(prompt=pb.prompt, responses=pb.responses, length=pb.length,
                              method=name, vs_best_ab=vs, gemm_tflops=peak, **r))  # fmt: skip
             table.append([
-                pb.prompt, name, f"{r['fwd_s'] * 1e3:.2f}", f"{r['fwd_bwd_s'] * 1e3:.2f}",
+                pb.prompt, name, f"{r['fwd_s'] * 1e3:.2f}",
+                f"{r['fwd_bwd_s'] * 1e3:.2f} ({100 * r['spread']:.0f}%)",
                 f"{r['tflops']:.0f}", f"{100 * r['tflops'] / peak:.0f}%",
                 f"{r['peak_bytes'] / 2**30:.2f}", f"{vs:.2f}x" if vs else "-",
             ])  # fmt: skip
-    header = ["P", "method", "fwd ms", "fwd+bwd ms", "TFLOP/s", "% of GEMM", "peak GiB",
+    header = ["P", "method", "fwd ms", "fwd+bwd ms (spread)", "TFLOP/s", "% of GEMM", "peak GiB",
               "vs best of (a),(b)"]  # fmt: skip
     text = markdown_table(header, table)
     text += (
         f"\n\n{args.responses} responses of {args.length} packed, Hq={args.heads}, "
         f"Hkv={args.kv_heads}, D={args.head_dim}, bf16; bf16 GEMM on this card: {peak:.0f} "
         f"TFLOP/s; FLOPs 4*Hq*D per visible key, backward 2.5x forward; (c) counts its own "
-        "full causal sequence. Medians of CUDA-event timings."
+        "full causal sequence. Medians of CUDA-event timings; spread = (max - min) / median."
     )
+    if notes:
+        text += "\n\n**Warnings**:\n\n" + "\n".join(f"- {n}" for n in notes)
     if not args.no_write:
         path = write_results("attention", device, " ".join(sys.argv), text, rows)
         print(f"wrote {path}")

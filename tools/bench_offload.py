@@ -1,10 +1,13 @@
 """Offload benchmark: reuse with and without offload against the dense trainer.
 
-GPU: four Llama3-8B-shaped layers, bf16, P=16384, S=1024, G=16 (DESIGN.md). Reports the phase-B
+GPU: four Llama3-8B-shaped layers, bf16, P=16384, S=1024, G=16 (docs/design.md). Reports the phase-B
 peak with offload against reuse without it (target: >= 75% lower), the whole step's peak against
 the dense trainer's (target: lower), step-time overhead of offload (target: <= 5%), achieved link
 GB/s (target: >= 90% of the pinned ceiling), and writes a PNG of peak memory by phase.
-CPU: a scaled-down run of the same code (peaks are the schedule's held bytes, not HBM).
+CPU: a scaled-down run of the same code (peaks are the schedule's held bytes, not HBM), as many
+torch threads as CPUs this process may use (``--threads``). The variants run interleaved; each
+reports the median and spread of its repetitions, with a loud warning when they are noisy or the
+dense and reuse FLOP rates are implausibly far apart.
 """
 
 from __future__ import annotations
@@ -18,10 +21,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import hbmplan
+from hbmplan.capacity import model_spec
+from hbmplan.capacity.flops import dense_flops, reuse_flops
 from hbmplan.models import ReferenceDecoder
 from hbmplan.schedules import dense_step
 from tools.bench_schedule import CPU_MODEL, GPU_MODEL, make_group
-from tools.harness import RESULTS, card_slug, markdown_table, time_median, write_results
+from tools.harness import (
+    RESULTS,
+    add_threads_arg,
+    apply_threads,
+    card_slug,
+    check_timings,
+    machine_line,
+    markdown_table,
+    time_interleaved,
+    write_results,
+)
 
 
 def main() -> None:
@@ -33,8 +48,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--reuse-tokens", type=int, default=4096)
     ap.add_argument("--budget", default=None, help="also run offload='auto' under this budget")
+    add_threads_arg(ap)
     args = ap.parse_args()
     device = torch.device(args.device)
+    apply_threads(args.threads)
+    print(machine_line(), flush=True)
     gpu = device.type == "cuda"
     cfg, dtype = (GPU_MODEL, torch.bfloat16) if gpu else (CPU_MODEL, torch.float32)
     P = args.prompt or (16384 if gpu else 1024)
@@ -65,13 +83,17 @@ def main() -> None:
                 "reuse+offload": reuse_with("reuse+offload", offload="all")}  # fmt: skip
     if args.budget:
         variants["reuse+budget"] = reuse_with("reuse+budget", hbm_budget=args.budget)
-    for name, fn in variants.items():
-        seconds, peak = time_median(fn, device, args.repeats)
-        runs[name].update(seconds=seconds, peak=peak)
-        print(f"{name}: {seconds * 1e3:.1f} ms", flush=True)
+    timings = time_interleaved(variants, device, args.repeats)
+    for name, t in timings.items():
+        runs[name].update(seconds=t.median, peak=t.peak, times=t.times, spread=t.spread)
+        print(f"{name}: {t.describe()}", flush=True)
+    shape, lens = model_spec(model), [S] * args.group
+    flops = {"dense": dense_flops(shape, P, lens)}
+    flops |= dict.fromkeys(timings.keys() - {"dense"}, reuse_flops(shape, P, lens, executed=True))
+    warned = check_timings(timings, device, flops)
 
     gib = 2**30
-    header = ["schedule", "step ms", "step peak GiB", "A GiB", "B GiB", "C GiB", "offloaded GiB",
+    header = ["schedule", "step ms (spread)", "step peak GiB", "A GiB", "B GiB", "C GiB", "offloaded GiB",
               "D2H GB/s", "H2D GB/s", "exposed ms"]  # fmt: skip
     rows, table = [], []
     for name, r in runs.items():
@@ -79,12 +101,13 @@ def main() -> None:
         phases = {k: v.peak_bytes for k, v in st.phases.items()}
         eng = st.offload.engine if getattr(st, "offload", None) is not None else None
         step_peak = r["peak"] if r["peak"] is not None else st.peak_bytes
-        row = dict(schedule=name, ms=r["seconds"] * 1e3, step_peak=step_peak, phases=phases,
+        row = dict(schedule=name, ms=r["seconds"] * 1e3, times_s=r["times"], spread=r["spread"],
+                   step_peak=step_peak, phases=phases,
                    offloaded=eng.bytes_offloaded if eng else 0,
                    d2h_gbps=eng.d2h_gbps if eng else None, h2d_gbps=eng.h2d_gbps if eng else None,
                    exposed_ms=eng.exposed_wait_s * 1e3 if eng else None)  # fmt: skip
         rows.append(row)
-        table.append([name, f"{row['ms']:.1f}", f"{step_peak / gib:.2f}",
+        table.append([name, f"{row['ms']:.1f} ({100 * r['spread']:.0f}%)", f"{step_peak / gib:.2f}",
                       *(f"{phases[k] / gib:.2f}" if k in phases else "-" for k in ("A", "B", "C")),
                       f"{row['offloaded'] / gib:.2f}",
                       f"{row['d2h_gbps']:.1f}" if eng else "-", f"{row['h2d_gbps']:.1f}" if eng else "-",
@@ -97,6 +120,10 @@ def main() -> None:
         f"step time overhead {100 * overhead:+.1f}%"
     )
     md = markdown_table(header, table) + "\n\n" + summary
+    md += (f"\n\nMedians of {args.repeats} interleaved repetitions after one warmup; spread = "
+           f"(max - min) / median. {machine_line()}.")  # fmt: skip
+    if warned:
+        md += "\n\n**Warnings**:\n\n" + "\n".join(f"- {w}" for w in warned)
     _plot(rows, RESULTS / f"offload_{card_slug(device)}_timeline.png")
     path = write_results("offload", device, "python " + " ".join(sys.argv), md, rows)
     print(md)

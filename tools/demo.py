@@ -1,8 +1,10 @@
 """`make demo`: the reuse schedule against the dense trainer on an embedded default model.
 
-Prints the maximum relative gradient difference, both step times, the speedup next to the
-FLOP-ideal speedup, and memory per phase. CPU: a small fp32 reference decoder (about half a
-minute on 2 cores). CUDA: four layers at half the Llama3-8B width in bf16.
+Prints the maximum relative gradient difference, both step times (median and spread of
+interleaved repetitions), the speedup next to the FLOP-ideal speedup, and memory per phase; a
+loud warning when the timing is noisy or implausible. CPU: a small fp32 reference decoder (about
+half a minute on 2 cores), as many torch threads as CPUs this process may use (``--threads``).
+CUDA: four layers at half the Llama3-8B width in bf16.
 """
 
 from __future__ import annotations
@@ -16,10 +18,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import hbmplan
-from hbmplan.capacity.flops import flop_ideal_speedup
+from hbmplan.capacity import model_spec
+from hbmplan.capacity.flops import dense_flops, flop_ideal_speedup, reuse_flops
 from hbmplan.models import DecoderConfig, ReferenceDecoder
 from hbmplan.schedules import dense_step
-from tools.harness import card_name, time_median
+from tools.harness import (
+    add_threads_arg,
+    apply_threads,
+    card_name,
+    check_timings,
+    machine_line,
+    time_interleaved,
+)
 
 DEFAULTS = {
     "cpu": dict(hidden=256, layers=4, heads=8, kv_heads=2, ffn=704, vocab=8192,
@@ -34,7 +44,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     for key in DEFAULTS["cpu"]:
         p.add_argument(f"--{key.replace('_', '-')}", type=None if key == "dtype" else int)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed repetitions of each step, dense and reuse interleaved")  # fmt: skip
+    add_threads_arg(p)
     p.add_argument("--tokens-per-microbatch", type=int, default=None)
     p.add_argument("--attention", default="auto", choices=("auto", "triton", "reference", "padded"),
                    help="phase-B attention (auto: the Triton kernel on CUDA)")  # fmt: skip
@@ -49,6 +61,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
+    apply_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     cfg = DecoderConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
@@ -85,23 +98,26 @@ def main() -> None:
     rel = max(
         ((a - b).abs().max() / b.abs().max()).item() for a, b in zip(g_reuse, g_dense, strict=True)
     )
-    t_dense, peak_dense = time_median(dense, device, args.repeats)
-    t_reuse, peak_reuse = time_median(reuse, device, args.repeats)
-    ideal = flop_ideal_speedup(model, args.prompt, lens)
+    timings = time_interleaved({"dense": dense, "reuse": reuse}, device, args.repeats)
+    shape = model_spec(model)
+    flops = {"dense": dense_flops(shape, args.prompt, lens),  # what each step executes
+             "reuse": reuse_flops(shape, args.prompt, lens, executed=True)}  # fmt: skip
+    ideal = flop_ideal_speedup(shape, args.prompt, lens)
 
     mib = 2**20
     print(f"hbmplan demo on {card_name(device)}, {args.dtype}: reference decoder h={args.hidden} "
           f"L={args.layers}, P={args.prompt}, G={args.group}, S={min(lens)}..{max(lens)}")  # fmt: skip
+    print(machine_line())
     print(f"max relative gradient difference, reuse vs dense: {rel:.2e}")
-    print(
-        f"dense step  {t_dense * 1e3:9.1f} ms"
-        + (f"   peak {peak_dense / mib:8.1f} MiB" if peak_dense else "")
-    )
-    print(
-        f"reuse step  {t_reuse * 1e3:9.1f} ms"
-        + (f"   peak {peak_reuse / mib:8.1f} MiB" if peak_reuse else "")
-    )
-    print(f"speedup {t_dense / t_reuse:.2f}x (FLOP-ideal {ideal:.2f}x)")
+    for name, t in timings.items():
+        peak = f"   peak {t.peak / mib:8.1f} MiB" if t.peak else ""
+        rate = flops[name] / t.median / 1e9
+        print(f"{name} step  {t.describe()}, {rate:.1f} GFLOP/s{peak}")
+    td, tr = timings["dense"], timings["reuse"]
+    per_run = [a / b for a, b in zip(td.times, tr.times, strict=True)]
+    print(f"speedup {td.median / tr.median:.2f}x (median; per repetition {min(per_run):.2f}-"
+          f"{max(per_run):.2f}x), FLOP-ideal {ideal:.2f}x")  # fmt: skip
+    check_timings(timings, device, flops)
     d = dense_stats[0]
     print(f"dense trainer: peak {d.peak_bytes / mib:.1f} MiB ({d.memory_source})")
     print(mem.report())

@@ -12,6 +12,7 @@ import datetime as _dt
 import json
 import platform
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -279,9 +280,17 @@ def check_out(out: Path, force: bool) -> None:
 
 # -- record ------------------------------------------------------------------------------------
 def record(
-    out: Path, task: TaskConfig, spec: ModelSpec, train: TrainConfig, show: bool = True
+    out: Path,
+    task: TaskConfig,
+    spec: ModelSpec,
+    train: TrainConfig,
+    show: bool = True,
+    on_step: Callable[[list[hbmplan.Group], nn.Module], None] | None = None,
 ) -> Trace:
-    """Run GRPO with the dense trainer and return (and save to ``out``) its trace."""
+    """Run GRPO with the dense trainer and return (and save to ``out``) its trace.
+
+    ``on_step(groups, model)``, if given, is called after each optimizer step with the step's
+    groups and the model just updated (``record --replay`` steps the replay's runs there)."""
     model = build_model(spec, task, train.seed)
     tensors = {f"init/{n}": p for n, p in _state(model).items()}
     params = list(model.parameters())
@@ -324,9 +333,12 @@ def record(
                     batch.append(j)
             meter = ClipMeter(loss_fn)
             model.zero_grad(set_to_none=True)
-            stats = dense_step(model, [group_from(tensors, j) for j in batch], meter)
+            groups = [group_from(tensors, j) for j in batch]
+            stats = dense_step(model, groups, meter)
             norm = clip_and_norm(params, train.max_grad_norm)
             opt.step()
+            if on_step is not None:
+                on_step(groups, model)
             mean_reward = sum(sum(groups_meta[j]["rewards"]) for j in batch) / (
                 len(batch) * train.group
             )

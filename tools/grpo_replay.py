@@ -1,5 +1,5 @@
 """Replay a recorded GRPO trace with the dense and reuse schedules in lockstep, check the
-differences against DESIGN.md's rules, and write the report (``python tools/grpo_trace.py
+differences against docs/design.md's rules, and write the report (``python tools/grpo_trace.py
 replay``; see that module for the CLI).
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -30,11 +31,12 @@ from tools.grpo_record import (
     make_optimizer,
     policy_loss,
     progress,
+    record,
 )
-from tools.grpo_task import build_model
+from tools.grpo_task import ModelSpec, TaskConfig, build_model
 
 FP32_TARGET = 1e-5  # issue 7: max relative parameter difference at the last step, fp32
-FACTOR = 2.0  # DESIGN.md tolerance rule: |x - ref| <= 2 |x_dense - ref| (atol 0)
+FACTOR = 2.0  # docs/design.md tolerance rule: |x - ref| <= 2 |x_dense - ref| (atol 0)
 TAGS = {"float32": "fp32", "bfloat16": "bf16", "float64": "fp64"}
 DTYPES = ("float32", "bfloat16")
 
@@ -47,7 +49,7 @@ class RunSpec:
     """``dense_step`` (one row per microbatch) or ``hbmplan.memory(...).step``."""
     dtype: str
     """"float32", "bfloat16" (bf16 compute, fp32 master weights and AdamW state) or "float64"
-    (the reference of DESIGN.md's tolerance rule for the fp32 runs)."""
+    (the reference of docs/design.md's tolerance rule for the fp32 runs)."""
     offload: Literal["off", "all"] = "off"
     """The reuse schedule's offload mode."""
 
@@ -172,6 +174,69 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
     return max((a[n].double() - b[n].double()).abs().max().item() for n in b)
 
 
+class Lockstep:
+    """The runs of :func:`run_specs`, stepped together on the same groups, and the per-step
+    differences of :func:`comparisons`. A context manager (it holds the reuse runs' memory
+    contexts). ``external`` names a run computed elsewhere whose parameters :meth:`step` is
+    given instead: ``"dense-fp32"`` when the recording itself is that run (``record --replay``)."""
+
+    def __init__(
+        self,
+        make_model: Callable[[], nn.Module],
+        train: TrainConfig,
+        dtypes: list[str],
+        offloads: list[str],
+        tokens_per_microbatch: int,
+        external: str | None = None,
+    ) -> None:
+        specs = run_specs(dtypes, offloads)
+        assert external is None or external in [s.name for s in specs], external
+        self.runs = [Run(spec, make_model(), train, tokens_per_microbatch)
+                     for spec in specs if spec.name != external]  # fmt: skip
+        self.by_name = {r.spec.name: r for r in self.runs}
+        self.external = external
+        self.pairs = comparisons([s.name for s in specs])
+        self.diffs: dict[str, list[float]] = {label: [] for label, *_ in self.pairs}
+        self.loss_fn = policy_loss(train)
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> Lockstep:
+        for r in self.runs:
+            if r.mem is not None:
+                self._stack.enter_context(r.mem)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def step(self, groups: list[hbmplan.Group], external: nn.Module | None = None) -> None:
+        """One optimizer step of every run on ``groups``, then the differences; ``external``
+        is the external run's model after its own step on the same groups."""
+        if (external is None) != (self.external is None):
+            raise ValueError(f"step() needs the model of the external run {self.external!r}")
+        for r in self.runs:
+            r.step(groups, self.loss_fn)
+
+        def state(name: str) -> dict[str, torch.Tensor]:
+            if name == self.external:
+                return {n: p.detach() for n, p in external.named_parameters()}
+            return self.by_name[name].state()
+
+        for label, a, b, kind in self.pairs:
+            fn = max_rel_diff if kind == "rel" else max_abs_diff
+            self.diffs[label].append(fn(state(a), state(b)))
+
+    def runs_result(self) -> dict[str, dict]:
+        """Per run: losses, gradient norms and bytes offloaded (the external run is not here)."""
+        return {name: {"loss": r.losses, "grad_norm": r.grad_norms,
+                       "offloaded_bytes": r.offloaded_bytes}
+                for name, r in self.by_name.items()}  # fmt: skip
+
+    def postfix(self) -> str:
+        d = self.diffs.get("reuse-fp32 vs dense-fp32")
+        return f"reuse-fp32 vs dense-fp32 {d[-1]:.1e}" if d else ""
+
+
 def replay(
     trace: Trace,
     dtypes: list[str],
@@ -192,42 +257,19 @@ def replay(
         ids = torch.cat([group.prompt, *group.responses])
         if int(ids.max()) >= task.vocab_size or int(ids.min()) < 0:
             raise TraceError(f"group {j} holds token ids outside the vocabulary {task.vocab_size}")
-    runs = [Run(spec, fresh_model(trace), train, tokens_per_microbatch)
-            for spec in run_specs(dtypes, offloads)]  # fmt: skip
-    by_name = {r.spec.name: r for r in runs}
-    pairs = comparisons(list(by_name))
-    diffs: dict[str, list[float]] = {label: [] for label, *_ in pairs}
-    loss_fn = policy_loss(train)
-    with contextlib.ExitStack() as stack, progress(steps, "replay", show) as bar:
-        for r in runs:
-            if r.mem is not None:
-                stack.enter_context(r.mem)
+    lock = Lockstep(lambda: fresh_model(trace), train, dtypes, offloads, tokens_per_microbatch)
+    with lock, progress(steps, "replay", show) as bar:
         for step in range(steps):
-            groups = trace.groups(step)
-            for r in runs:
-                r.step(groups, loss_fn)
-            for label, a, b, kind in pairs:
-                fn = max_rel_diff if kind == "rel" else max_abs_diff
-                diffs[label].append(fn(by_name[a].state(), by_name[b].state()))
-            if "reuse-fp32 vs dense-fp32" in diffs:
-                bar.set_postfix_str(
-                    f"reuse-fp32 vs dense-fp32 {diffs['reuse-fp32 vs dense-fp32'][-1]:.1e}"
-                )
+            lock.step(trace.groups(step))
+            bar.set_postfix_str(lock.postfix())
             bar.update(1)
-    dense = by_name["dense-fp32"]
+    dense = lock.by_name["dense-fp32"]
     recorded = trace.meta["steps"][:steps]
     final = {k[6:]: v for k, v in trace.tensors.items() if k.startswith("final/")}
     return {
         "steps": steps,
-        "runs": {
-            name: {
-                "loss": r.losses,
-                "grad_norm": r.grad_norms,
-                "offloaded_bytes": r.offloaded_bytes,
-            }
-            for name, r in by_name.items()
-        },
-        "diffs": diffs,
+        "runs": lock.runs_result(),
+        "diffs": lock.diffs,
         "replay_vs_record_loss": max(
             abs(a - s["loss"]) for a, s in zip(dense.losses, recorded, strict=True)
         ),
@@ -239,9 +281,41 @@ def replay(
     }
 
 
+def record_and_replay(
+    out: Path,
+    task: TaskConfig,
+    spec: ModelSpec,
+    train: TrainConfig,
+    dtypes: list[str],
+    offloads: list[str],
+    tokens_per_microbatch: int,
+    show: bool = True,
+) -> tuple[Trace, dict]:
+    """:func:`tools.grpo_record.record` with the replay's other runs stepped in lockstep after
+    each recorded step: the recording is the replay's dense-fp32 run (the replay of a trace
+    recomputes that run bit for bit on the same machine and threads), so one dense fp32 run
+    fewer. Returns the trace and the result :func:`replay` would give."""
+    lock = Lockstep(lambda: build_model(spec, task, train.seed), train, dtypes, offloads,
+                    tokens_per_microbatch, external="dense-fp32")  # fmt: skip
+    with lock:
+        trace = record(out, task, spec, train, show, on_step=lambda g, m: lock.step(g, m))
+    recorded = trace.meta["steps"]
+    dense = {"loss": [s["loss"] for s in recorded],
+             "grad_norm": [s["grad_norm"] for s in recorded], "offloaded_bytes": 0}  # fmt: skip
+    return trace, {
+        "steps": len(recorded),
+        "runs": {"dense-fp32": dense, **lock.runs_result()},
+        "diffs": lock.diffs,
+        "replay_vs_record_loss": None,  # the recording is the dense-fp32 run
+        "replay_vs_record_params": None,
+        "reward_mean": [s["reward_mean"] for s in recorded],
+        "clip_fraction": [s["clip_fraction"] for s in recorded],
+    }
+
+
 # -- report ------------------------------------------------------------------------------------
 def checks(result: dict) -> list[dict]:
-    """Issue 7's targets and DESIGN.md's tolerance rule (``ok`` True/False), at the last step
+    """Issue 7's targets and docs/design.md's tolerance rule (``ok`` True/False), at the last step
     unless said, then what is measured but not judged (``ok`` None)."""
     d, n, out = result["diffs"], result["steps"], []
 
@@ -273,6 +347,13 @@ def checks(result: dict) -> list[dict]:
         add("dense-fp32 replay vs recorded final parameters (0: bitwise)",
             result["replay_vs_record_params"], None)  # fmt: skip
     return out
+
+
+def _record_line(result: dict) -> str:
+    if result["replay_vs_record_loss"] is None:
+        return "dense-fp32 is the recording itself (record --replay: replayed while recording)"
+    return (f"dense-fp32 replay vs the recorded per-step loss: max abs difference "
+            f"{result['replay_vs_record_loss']:.3g}")  # fmt: skip
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -310,9 +391,8 @@ def write_report(out: Path, name: str, result: dict, verdicts: list[dict]) -> li
         f"- runs: {', '.join(runs)}; reuse tokens_per_microbatch {result['tokens_per_microbatch']}"
         f"; bf16 runs compute in bf16 with fp32 master weights and AdamW state\n"
         f"- bytes offloaded over the replay: {offloaded}\n"
-        f"- dense-fp32 replay vs the recorded per-step loss: max abs difference "
-        f"{result['replay_vs_record_loss']:.3g}\n\n## Checks\n\n{summary(verdicts)}\n\n"
-        f"`a / b <= 2` rows are DESIGN.md's tolerance rule, |x - ref| <= 2 |x_dense - ref|.\n\n"
+        f"- {_record_line(result)}\n\n## Checks\n\n{summary(verdicts)}\n\n"
+        f"`a / b <= 2` rows are docs/design.md's tolerance rule, |x - ref| <= 2 |x_dense - ref|.\n\n"
         f"## Per step\n\nParameter differences: max over parameters of max|a - b| / max|b|, b "
         f"the reference run; `(max abs)`: max|a - b|, 0 means bitwise equal.\n\n"
         f"{_table(header, rows)}\n"

@@ -1,6 +1,6 @@
 """Analytic FLOP counts of the dense and reuse schedules, and the FLOP-ideal speedup.
 
-Convention (DESIGN.md): linear layers, attention at ``4 * Hq * D * keys`` per query per layer
+Convention (docs/design.md): linear layers, attention at ``4 * Hq * D * keys`` per query per layer
 (QK^T and PV, causal keys only), the LM head on response positions only, and backward = 2x
 forward, so a trained token costs 3x its forward. Shapes come from a
 :class:`~hbmplan.capacity.presets.ModelSpec` (or anything :func:`model_spec` reads: a model, a

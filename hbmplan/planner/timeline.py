@@ -47,7 +47,7 @@ _GB = 1e9
 
 @dataclass(frozen=True)
 class Rates:
-    """Link and compute rates the timeline uses. Defaults: one H200 (DESIGN.md measurements).
+    """Link and compute rates the timeline uses. Defaults: one H200 (docs/design.md measurements).
 
     Unknown compute times are estimated from the saved bytes: ``forward_s`` = saved bytes /
     ``saved_bytes_per_s``; ``backward_s`` = 2 x forward; ``responses_s`` = 3 x forward (one

@@ -79,7 +79,7 @@ class PromptPlanner(Participant):
         budget: activation bytes the schedule may hold on the device (``None``: no limit).
         mode: "auto" (plan under ``budget``), "all" (offload every dormant storage), "off"
             (check the budget only).
-        rates: link and compute rates for the planner (default: DESIGN.md's H200 numbers).
+        rates: link and compute rates for the planner (default: docs/design.md's H200 numbers).
 
     What it exposes for the group running now: :attr:`plan` (``None`` until one is chosen),
     :attr:`last` (storage id -> the layer of its last save, from the step that made the plan),

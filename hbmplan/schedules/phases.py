@@ -1,7 +1,7 @@
 """The reuse step's phases for one group, each its own function, and :func:`run_group`, which
 runs them in order with the participants' hooks around them.
 
-Lifetimes (DESIGN.md): the prompt's saved activations are born in A, dormant through B, used
+Lifetimes (docs/design.md): the prompt's saved activations are born in A, dormant through B, used
 and freed in C; the prompt K/V (:attr:`Prompt.hot`) are born in A and read by every B
 microbatch and by C; the gradient cache is born in A, written by every B microbatch, read by C;
 a microbatch's activations live and die within its B.

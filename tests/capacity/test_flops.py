@@ -72,7 +72,7 @@ def test_measured_speedup_matches_flop_ideal(P, S, G):
 
 
 def test_design_table_flop_ideal():
-    """DESIGN.md's FLOP-ideal column for four Llama3-8B-shaped layers."""
+    """docs/design.md's FLOP-ideal column for four Llama3-8B-shaped layers."""
     shape = ModelSpec(name="llama3-8b, 4 layers", vocab_size=32000, hidden_size=4096,
                       num_layers=4, num_heads=32, num_kv_heads=8, head_dim=128,
                       intermediate_size=14336)  # fmt: skip

@@ -428,7 +428,7 @@ def test_bad_model_sources(tmp_path):
 
 @pytest.mark.parametrize("schedule, measured_kib", [("dense", 770), ("dense+ckpt", 294)])
 def test_cuda_slopes_match_the_h200_measurements_in_design(schedule, measured_kib):
-    # DESIGN.md "Numbers to beat": 4 layers of Llama3-8B shape, bf16, S=1024, G=8, KiB per
+    # docs/design.md section 8: 4 layers of Llama3-8B shape, bf16, S=1024, G=8, KiB per
     # prompt token between P=8k and 16k, measured on an H200 with max_memory_allocated.
     spec = model_spec(DecoderConfig(num_layers=4))
 

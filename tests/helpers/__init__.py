@@ -83,7 +83,7 @@ def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
 
 def assert_tolerance_rule(x, dense, ref, dtype=torch.bfloat16) -> None:
     """Per parameter: |x - ref| <= 2 |dense - ref| + atol, atol the ``dtype`` rounding of ``ref``
-    itself (a result cannot be closer than its own storage). DESIGN.md's tolerance rule."""
+    itself (a result cannot be closer than its own storage). docs/design.md's tolerance rule."""
     for name, r in ref.items():
         err = (x[name].double() - r).abs().max().item()
         err_dense = (dense[name].double() - r).abs().max().item()

@@ -303,7 +303,8 @@ def test_modes_differ_and_off_is_no_router_loss():
 
 
 @pytest.mark.parametrize("make", [tiny_reference, lambda: tiny_hf("Llama"),
-                                  lambda: tiny_hf_moe("Qwen3Moe", on=False)])  # fmt: skip
+                                  lambda: tiny_hf_moe("Qwen3Moe", on=False)],
+                         ids=["reference", "llama", "qwen3-moe-off"])  # fmt: skip
 def test_models_without_router_loss_unaffected(make):
     model = make()
     groups = [random_group(9, [3, 1, 4], seed=11)]
