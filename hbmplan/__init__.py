@@ -1,17 +1,24 @@
 """hbmplan: shared-prefix reuse and HBM planning for RL post-training on long shared prompts."""
 
-from hbmplan import losses, models, schedules
-from hbmplan.errors import BudgetError
+from hbmplan import _moved, losses, models, schedules
+from hbmplan.capacity.frontier import FrontierConfig, FrontierResult, Shards, frontier
+from hbmplan.config import ReuseConfig
+from hbmplan.errors import BudgetError, HostMemoryError, PoolExhaustedError
 from hbmplan.group import Group
 from hbmplan.memory import MemoryContext, Report, memory
-from hbmplan.planner.frontier import FrontierResult, Shards, frontier
+
+_moved.install()
 
 __all__ = [
     "BudgetError",
+    "FrontierConfig",
     "FrontierResult",
     "Group",
+    "HostMemoryError",
     "MemoryContext",
+    "PoolExhaustedError",
     "Report",
+    "ReuseConfig",
     "Shards",
     "frontier",
     "losses",

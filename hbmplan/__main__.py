@@ -2,4 +2,6 @@
 
 from hbmplan.cli import main
 
+__all__: list[str] = []
+
 raise SystemExit(main())

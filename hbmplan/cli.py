@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
-    from hbmplan.planner.frontier import FrontierResult
+    from hbmplan.capacity.frontier import FrontierResult
 
 __all__ = ["main"]
 
@@ -61,7 +61,7 @@ def _int_at_least(low: int):
 
 def _size(text: str) -> int:
     """--hbm: a size with a unit; a bare number is refused (it would silently mean bytes)."""
-    from hbmplan.memory import parse_bytes
+    from hbmplan.config import parse_bytes
 
     m = re.fullmatch(r"\s*[0-9]*\.?[0-9]+\s*([a-zA-Z]*)\s*", text)
     if m is not None and not m.group(1):
@@ -90,8 +90,8 @@ def _fraction(text: str) -> float:
 
 
 def _parser() -> _Parser:
-    from hbmplan.planner.activations import SCHEDULES
-    from hbmplan.planner.steptime import CARDS
+    from hbmplan.capacity.step_bytes import SCHEDULES
+    from hbmplan.capacity.steptime import CARDS
 
     parser = _Parser(prog="hbmplan", description="hbmplan command line tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -272,8 +272,8 @@ def _json(result: FrontierResult) -> dict:
 
 
 def _frontier(args: argparse.Namespace) -> int:
-    from hbmplan.planner.frontier import Shards, frontier, tp_problem
-    from hbmplan.planner.presets import model_spec
+    from hbmplan.capacity.frontier import Shards, frontier, tp_problem
+    from hbmplan.capacity.presets import model_spec
 
     if args.plot:
         try:

@@ -1,8 +1,9 @@
-"""Errors hbmplan raises for caller input it cannot honour (beyond plain ``ValueError``)."""
+"""Every error hbmplan raises for a request it cannot honour, beyond plain ``ValueError`` and
+``TypeError`` for malformed input: a budget no plan fits, a host pool too small or too large."""
 
 from __future__ import annotations
 
-__all__ = ["BudgetError"]
+__all__ = ["BudgetError", "HostMemoryError", "PoolExhaustedError"]
 
 _MIB = 2**20
 
@@ -30,3 +31,34 @@ class BudgetError(ValueError):
     def __reduce__(self):
         # The default reduce re-calls __init__ with the message only; keep the attributes.
         return (type(self), (self.budget, self.min_feasible, self.detail))
+
+
+class HostMemoryError(MemoryError):
+    """The host has too little free RAM for the requested pool (checked before allocating)."""
+
+    def __init__(self, requested: int, available: int, margin: int):
+        self.requested, self.available, self.margin = requested, available, margin
+        super().__init__(
+            f"host pool of {requested} bytes does not fit in host RAM: {available} bytes are "
+            f"available and {margin} bytes are kept free as a margin, so at most "
+            f"{max(available - margin, 0)} bytes can be pooled; offload less or free host memory"
+        )
+
+    def __reduce__(self):  # the default re-calls __init__ with the message only
+        return (type(self), (self.requested, self.available, self.margin))
+
+
+class PoolExhaustedError(MemoryError):
+    """No free range of the host pool can hold the request, even after waiting on pending
+    frees."""
+
+    def __init__(self, requested: int, largest_free: int, capacity: int, used: int):
+        self.requested, self.largest_free = requested, largest_free
+        self.capacity, self.used = capacity, used
+        super().__init__(
+            f"host pool exhausted: requested {requested} bytes, largest free range is "
+            f"{largest_free} bytes, {used} of {capacity} bytes (capacity) are in use"
+        )
+
+    def __reduce__(self):
+        return (type(self), (self.requested, self.largest_free, self.capacity, self.used))

@@ -7,44 +7,24 @@ measurements ``report()`` prints. The model is never edited; what the block touc
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from hbmplan.atomic import GradStash
+from hbmplan.config import Attention, OffloadMode, ReuseConfig, RouterLossMode, parse_bytes
 from hbmplan.group import Group
-from hbmplan.models.adapter import CausalLMAdapter, adapt, model_device, router_spec
-from hbmplan.planner.plan import Rates
-from hbmplan.schedules.attention import ATTENTIONS, Attention
+from hbmplan.models.adapter import CausalLMAdapter, adapt, model_device
+from hbmplan.planner import Rates
+from hbmplan.runtime import Participant, offload_participants
+from hbmplan.runtime.stats import RouterStepStats, StepStats
 from hbmplan.schedules.microbatch import LossFn
-from hbmplan.schedules.offload import OffloadMode, PromptOffloader
-from hbmplan.schedules.reuse import check_tokens_per_microbatch, reuse_step
-from hbmplan.schedules.router import RouterLossMode, resolve_router_loss
-from hbmplan.schedules.stats import RouterStepStats, StepStats
+from hbmplan.schedules.reuse import run_step
+from hbmplan.schedules.router import resolve_router_loss
 
 __all__ = ["MemoryContext", "Report", "memory", "parse_bytes"]
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
-
-
-def parse_bytes(value: int | str) -> int:
-    """Bytes from an int or a string such as ``"80GiB"``, ``"40 GB"`` or ``"1024"``."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise TypeError(f"a byte size must be an int or a string like '80GiB', got {value!r}")
-    if isinstance(value, int):
-        n = value
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
-        if m is None or m.group(2).lower() not in _UNITS:
-            raise ValueError(f"a byte size must look like '80GiB' or '40GB', got {value!r}")
-        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if n <= 0:
-        raise ValueError(f"a byte size must be positive, got {value!r}")
-    return n
 
 
 @dataclass
@@ -60,7 +40,6 @@ class Report:
     steps: int = 0
     last: StepStats | None = None
     failed_steps: int = 0
-    history: list[StepStats] = field(default_factory=list, repr=False)
 
     def __str__(self) -> str:
         if self.last is None:
@@ -117,50 +96,31 @@ def _router_lines(r: RouterStepStats) -> list[str]:
 
 
 class MemoryContext:
-    """Runs reuse steps on a wrapped model; create it with :func:`hbmplan.memory`."""
+    """Runs reuse steps on a wrapped model; create it with :func:`hbmplan.memory`.
+
+    Args:
+        model: the model (or its adapter).
+        config: the steps' options (validated when it was built).
+        participants: more phase-hook participants for every step, run after the context's own
+            offload participants (see :mod:`hbmplan.runtime.participant`).
+    """
 
     def __init__(
         self,
-        model: nn.Module,
-        hbm_budget: int | str | None,
-        offload: OffloadMode,
-        tokens_per_microbatch: int | None,
-        atomic: bool,
-        check_finite: bool,
-        grad_cache_dtype: torch.dtype | None,
-        rates: Rates | None = None,
-        router_loss: RouterLossMode = "per-trajectory",
-        attention: Attention = "auto",
-        deterministic: bool = False,
+        model: nn.Module | CausalLMAdapter,
+        config: ReuseConfig,
+        participants: Sequence[Participant] = (),
     ) -> None:
-        if attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
-        if not isinstance(deterministic, bool):
-            raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
-        if offload not in ("auto", "off", "all"):
-            raise ValueError(f"offload must be 'auto', 'off' or 'all', got {offload!r}")
-        check_tokens_per_microbatch(tokens_per_microbatch)
-        if grad_cache_dtype is not None and not (
-            isinstance(grad_cache_dtype, torch.dtype) and grad_cache_dtype.is_floating_point
-        ):
-            raise TypeError(
-                f"grad_cache_dtype must be a floating torch.dtype, got {grad_cache_dtype!r}"
-            )
+        if not isinstance(config, ReuseConfig):
+            raise TypeError(f"config must be an hbmplan ReuseConfig, got {type(config).__name__}")
         self.adapter: CausalLMAdapter = adapt(model)
-        resolve_router_loss(router_loss, router_spec(self.adapter))
-        self.router_loss = router_loss
+        resolve_router_loss(config.router_loss, self.adapter.router)
+        self.config = config
         self.model = self.adapter.model
-        self.hbm_budget = parse_bytes(hbm_budget) if hbm_budget is not None else None
-        self.offload = offload
-        self.tokens_per_microbatch = tokens_per_microbatch
-        self.atomic = atomic
-        self.check_finite = check_finite
-        self.grad_cache_dtype = grad_cache_dtype
-        self.attention = attention
-        self.deterministic = deterministic
-        self._offloader = PromptOffloader(
-            model_device(self.adapter), self.hbm_budget, offload, rates
+        self._planner, self._offloader, offload = offload_participants(
+            model_device(self.adapter), config
         )
+        self._participants = [*offload, *participants]
         self._report = Report()
         self._active = False
         self._saved_state: tuple[dict[nn.Module, bool], dict[nn.Parameter, bool]] | None = None
@@ -203,22 +163,12 @@ class MemoryContext:
         """
         if not self._active:
             raise RuntimeError("step() must run inside `with hbmplan.memory(model) as mem:`")
-        if tokens_per_microbatch is None:
-            tokens_per_microbatch = self.tokens_per_microbatch
-        stash = GradStash(self.model.parameters()) if self.atomic else None
+        config = self.config
+        if tokens_per_microbatch is not None:
+            config = config.replace(tokens_per_microbatch=tokens_per_microbatch)
+        stash = GradStash(self.model.parameters()) if config.atomic else None
         try:
-            stats = reuse_step(
-                self.adapter,
-                groups,
-                loss_fn,
-                tokens_per_microbatch,
-                grad_cache_dtype=self.grad_cache_dtype,
-                check_finite=self.check_finite,
-                offloader=self._offloader,
-                router_loss=self.router_loss,
-                attention=self.attention,
-                deterministic=self.deterministic,
-            )
+            stats = run_step(self.adapter, groups, loss_fn, config, self._participants)
         except BaseException:
             if stash is not None:
                 stash.restore()
@@ -228,7 +178,6 @@ class MemoryContext:
             stash.merge()
         self._report.steps += 1
         self._report.last = stats
-        self._report.history.append(stats)
         return stats
 
     def report(self) -> Report:
@@ -249,49 +198,29 @@ def memory(
     router_loss: RouterLossMode = "per-trajectory",
     attention: Attention = "auto",
     deterministic: bool = False,
+    participants: Sequence[Participant] = (),
 ) -> MemoryContext:
     """Wrap ``model`` for reuse-schedule training.
 
     Args:
         model: a Hugging Face causal LM of a supported family or an hbmplan ``ReferenceDecoder``.
-        hbm_budget: device bytes the schedule's activations may occupy (int or "80GiB"):
-            prompt activations, K/V, gradient cache and microbatch working sets; parameters,
-            gradients and optimizer state are outside it. ``None``: no budget.
-        offload: "auto" offloads dormant prompt activations (or, for plans made before phase
-            A, recomputes whole layers in phase C) when the budget requires it,
-            "off" never (a budget is then only checked: ``BudgetError`` if it cannot hold),
-            "all" every dormant tensor.
-        rates: link and compute rates the planner uses (default: docs/design.md's H200 figures).
-        tokens_per_microbatch: default packing budget for response microbatches.
-        atomic: restore ``.grad`` if a step raises (costs one gradient-sized buffer only when
-            ``.grad`` already holds values at the start of the step; set ``False`` to skip).
-        check_finite: raise ``FloatingPointError`` on a non-finite loss.
-        grad_cache_dtype: gK/gV accumulation dtype; default fp32 for 16-bit models.
-        router_loss: for a mixture-of-experts model whose router loss is on (Hugging Face:
-            ``config.output_router_logits`` and ``router_aux_loss_coef > 0``; hbmplan's
-            ``MoEDecoder``: a positive coefficient in its config), what each step adds to the
-            loss, with the dense trainer's value and gradients: "per-trajectory" each
-            trajectory's ``coef * aux`` as its own forward computes it (Hugging Face's
-            semantics), "global-batch" one loss over all tokens of the step (prompt tokens
-            weighted G; costs a forward-only counting pass), "off" nothing. Prompt tokens go
-            through the experts once per step; ``report()`` shows per-expert token counts. See
-            :mod:`hbmplan.schedules.router`.
-        attention: how response microbatches attend to the prompt K/V: "auto" (the Triton
-            prefix-attention kernel over packed rows on CUDA when the model allows, else padded
-            rows), "triton", "reference" (packed rows, PyTorch) or "padded". See
-            :mod:`hbmplan.schedules.attention`.
-        deterministic: bitwise-reproducible Triton backward (no atomics in the prompt dK/dV).
+        hbm_budget, offload, tokens_per_microbatch, atomic, check_finite, grad_cache_dtype,
+            rates, router_loss, attention, deterministic: the steps' options, validated here
+            into one :class:`hbmplan.ReuseConfig` (each documented there): the activation
+            budget ("80GiB"), whether dormant prompt activations are offloaded ("auto", "off",
+            "all"), the default packing budget of response microbatches, whether a failed step
+            restores ``.grad``, the finite-loss check, the gK/gV dtype, the planner's link and
+            compute rates, a mixture-of-experts model's router loss ("per-trajectory",
+            "global-batch", "off"; see :mod:`hbmplan.schedules.router`), phase B's attention
+            ("auto", "triton", "reference", "padded"; see :mod:`hbmplan.schedules.attention`)
+            and a bitwise-reproducible Triton backward.
+        participants: more phase-hook participants for every step (see
+            :mod:`hbmplan.runtime.participant`).
     """
-    return MemoryContext(
-        model,
-        hbm_budget,
-        offload,
-        tokens_per_microbatch,
-        atomic,
-        check_finite,
-        grad_cache_dtype,
-        rates,
-        router_loss,
-        attention,
-        deterministic,
-    )
+    config = ReuseConfig(
+        tokens_per_microbatch=tokens_per_microbatch, grad_cache_dtype=grad_cache_dtype,
+        check_finite=check_finite, router_loss=router_loss, attention=attention,
+        deterministic=deterministic, hbm_budget=hbm_budget, offload=offload, rates=rates,
+        atomic=atomic,
+    )  # fmt: skip
+    return MemoryContext(model, config, participants)

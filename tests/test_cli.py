@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from hbmplan import cli
+from hbmplan.capacity.frontier import Shards, frontier
 from hbmplan.cli import main
-from hbmplan.planner.frontier import Shards, frontier
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = [

@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import hbmplan
-from hbmplan.flops import ModelShape, dense_flops, reuse_flops
+from hbmplan.capacity import model_spec
+from hbmplan.capacity.flops import dense_flops, reuse_flops
 from hbmplan.models import ReferenceDecoder
 from hbmplan.schedules import dense_step
 from tools.bench_schedule import CPU_MODEL, GPU_MODEL, make_group
@@ -86,7 +87,7 @@ def main() -> None:
     for name, t in timings.items():
         runs[name].update(seconds=t.median, peak=t.peak, times=t.times, spread=t.spread)
         print(f"{name}: {t.describe()}", flush=True)
-    shape, lens = ModelShape.of(model), [S] * args.group
+    shape, lens = model_spec(model), [S] * args.group
     flops = {"dense": dense_flops(shape, P, lens)}
     flops |= dict.fromkeys(timings.keys() - {"dense"}, reuse_flops(shape, P, lens, executed=True))
     warned = check_timings(timings, device, flops)

@@ -19,7 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import hbmplan
-from hbmplan.flops import ModelShape, dense_flops, flop_ideal_speedup, reuse_flops
+from hbmplan.capacity import model_spec
+from hbmplan.capacity.flops import dense_flops, flop_ideal_speedup, reuse_flops
 from hbmplan.models import DecoderConfig, ReferenceDecoder
 from hbmplan.schedules import dense_step
 from tools.harness import (
@@ -70,7 +71,7 @@ def main() -> None:
     cfg, dtype, scale = (GPU_MODEL, torch.bfloat16, 1) if gpu else (CPU_MODEL, torch.float32, 16)
     torch.manual_seed(0)
     model = ReferenceDecoder(cfg).to(device=device, dtype=dtype)
-    shape = ModelShape.of(model)
+    shape = model_spec(model)
     loss_fn = hbmplan.losses.PolicyLoss()
     rows, table, notes = [], [], []
     gib = lambda b: f"{b / 2**30:.2f}" if b is not None else "-"  # noqa: E731

@@ -18,7 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import hbmplan
-from hbmplan.flops import ModelShape, dense_flops, flop_ideal_speedup, reuse_flops
+from hbmplan.capacity import model_spec
+from hbmplan.capacity.flops import dense_flops, flop_ideal_speedup, reuse_flops
 from hbmplan.models import DecoderConfig, ReferenceDecoder
 from hbmplan.schedules import dense_step
 from tools.harness import (
@@ -98,7 +99,7 @@ def main() -> None:
         ((a - b).abs().max() / b.abs().max()).item() for a, b in zip(g_reuse, g_dense, strict=True)
     )
     timings = time_interleaved({"dense": dense, "reuse": reuse}, device, args.repeats)
-    shape = ModelShape.of(model)
+    shape = model_spec(model)
     flops = {"dense": dense_flops(shape, args.prompt, lens),  # what each step executes
              "reuse": reuse_flops(shape, args.prompt, lens, executed=True)}  # fmt: skip
     ideal = flop_ideal_speedup(shape, args.prompt, lens)

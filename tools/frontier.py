@@ -27,12 +27,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import hbmplan
+from hbmplan.capacity.frontier import calibrate_scale, frontier
+from hbmplan.capacity.presets import model_spec
+from hbmplan.capacity.step_bytes import cuda_masked_gqa_fused, estimate_step, prompt_layer_bytes
+from hbmplan.capacity.steptime import step_time
 from hbmplan.models import DecoderConfig, ReferenceDecoder
-from hbmplan.planner.activations import cuda_masked_gqa_fused, estimate_step, prompt_layer_bytes
-from hbmplan.planner.frontier import calibrate_scale, frontier
-from hbmplan.planner.presets import model_spec
-from hbmplan.planner.steptime import step_time
 from hbmplan.schedules import dense_step, reuse_step
 
 GiB = 2**30
@@ -181,7 +183,7 @@ def _markdown(res: dict) -> str:
         )
     lines += ["", "s/step measured: the last fitting step of the search (one step, no warm-up; "
               "offload's includes planning and pinning the host pool). Estimated: "
-              "`hbmplan.planner.steptime.step_time`, the lowest plan of each schedule."]  # fmt: skip
+              "`hbmplan.capacity.steptime.step_time`, the lowest plan of each schedule."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

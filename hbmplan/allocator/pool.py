@@ -17,6 +17,8 @@ from typing import Protocol
 import psutil
 import torch
 
+from hbmplan.errors import HostMemoryError, PoolExhaustedError
+
 __all__ = [
     "Block",
     "CopyEvent",
@@ -37,36 +39,6 @@ class CopyEvent(Protocol):
     def query(self) -> bool: ...
 
     def synchronize(self) -> None: ...
-
-
-class HostMemoryError(MemoryError):
-    """The host has too little free RAM for the requested pool (checked before allocating)."""
-
-    def __init__(self, requested: int, available: int, margin: int):
-        self.requested, self.available, self.margin = requested, available, margin
-        super().__init__(
-            f"host pool of {requested} bytes does not fit in host RAM: {available} bytes are "
-            f"available and {margin} bytes are kept free as a margin, so at most "
-            f"{max(available - margin, 0)} bytes can be pooled; offload less or free host memory"
-        )
-
-    def __reduce__(self):  # the default re-calls __init__ with the message only
-        return (type(self), (self.requested, self.available, self.margin))
-
-
-class PoolExhaustedError(MemoryError):
-    """No free range of the pool can hold the request, even after waiting on pending frees."""
-
-    def __init__(self, requested: int, largest_free: int, capacity: int, used: int):
-        self.requested, self.largest_free = requested, largest_free
-        self.capacity, self.used = capacity, used
-        super().__init__(
-            f"host pool exhausted: requested {requested} bytes, largest free range is "
-            f"{largest_free} bytes, {used} of {capacity} bytes (capacity) are in use"
-        )
-
-    def __reduce__(self):
-        return (type(self), (self.requested, self.largest_free, self.capacity, self.used))
 
 
 @dataclass(frozen=True, eq=False)

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from hbmplan.kernels.accumulate import accumulate_into
+
 __all__ = [
-    "accumulate_into",
     "check_varlen_inputs",
     "prefix_attention_ref",
     "prefix_attention_varlen_ref",
@@ -117,27 +118,6 @@ def prefix_attention_varlen_ref(
         out = prefix_attention_ref(row[0], kp, vp, row[1], row[2], scale)
         outs.append(out[0].transpose(0, 1))
     return torch.cat(outs)
-
-
-class _AccumulateInto(torch.autograd.Function):
-    """Identity in forward; backward adds the gradient into ``buffer`` and returns none."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
-        ctx.buffer = buffer
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        ctx.buffer.add_(grad)
-        return None, None
-
-
-def accumulate_into(x: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
-    """``x`` unchanged, whose gradient is added into ``buffer`` (same shape, any float dtype, e.g.
-    an fp32 gradient cache) in place instead of reaching ``x.grad``. When ``x`` does not require
-    grad nothing is ever added."""
-    return _AccumulateInto.apply(x, buffer)
 
 
 def check_varlen_inputs(

@@ -4,19 +4,21 @@ A schedule never calls a model directly: it asks an adapter for the prompt's per
 A), for hidden states of response rows that attend to K/V leaves (phase B), for hidden states of
 whole trajectories (the dense baseline), and for LM-head logits on chosen positions.
 
-Packed rows: an adapter that can run phase B as one row of packed responses has
-``packed_unsupported(context_len) -> str | None`` (``None`` when it can, else why not) and takes a
-:class:`hbmplan.models.packed.PackedPrefix` as ``response_hidden``'s ``prefix_kv``: ids/positions
-are then [1, T] and attention reads the prompt K/V in place through
-:func:`hbmplan.kernels.prefix_attention`. Adapters without it run padded rows.
+Beside those, :class:`CausalLMAdapter` declares optional capabilities, each with a default in
+:class:`AdapterBase` that an adapter overrides when it has the capability:
 
-An adapter may expose ``lm_head`` (an ``nn.Linear`` whose output ``logits`` returns as is):
-log-probs over a large vocabulary are then computed in chunks (see
-:mod:`hbmplan.schedules.logprobs`).
-
-A mixture-of-experts adapter also has ``router`` (the :class:`RouterSpec` of the router loss the
-model trains with, ``None`` when it is off) and its three forward methods take a keyword
-``router_logits``: a list the forward appends each router layer's logits to.
+* ``packed_unsupported(context_len) -> str | None``: ``None`` when phase B may run one row of
+  packed responses (``response_hidden`` then takes a :class:`hbmplan.models.packed.PackedPrefix`
+  and attention reads the prompt K/V in place through :func:`hbmplan.kernels.prefix_attention`);
+  else why not. The default: no packed path (padded rows).
+* ``head_dim``: D, which the prefix-attention kernel needs (default ``None``: unknown).
+* ``lm_head``: an ``nn.Linear`` whose output ``logits`` returns as is; log-probs over a large
+  vocabulary are then computed in chunks (:mod:`hbmplan.kernels.logprobs`). Default ``None``.
+* ``is_moe`` / ``router``: a mixture-of-experts model, and the :class:`RouterSpec` of the router
+  loss it trains with (``None`` when off). Its three forward methods then take a keyword
+  ``router_logits``: a list the forward appends each router layer's logits to.
+* ``check_schedulable()``: raise when the model's current settings stop the reuse schedule
+  (Hugging Face gradient checkpointing). Default: nothing to check.
 """
 
 from __future__ import annotations
@@ -27,38 +29,48 @@ import torch
 from torch import nn
 
 from hbmplan.models.moe import MoEDecoder, RouterSpec
-from hbmplan.models.packed import PackedPrefix
+from hbmplan.models.packed import KV, PackedPrefix
 from hbmplan.models.reference import ReferenceDecoder
 
 __all__ = [
     "KV",
+    "AdapterBase",
     "CausalLMAdapter",
     "MoEAdapter",
     "ReferenceAdapter",
     "adapt",
-    "check_schedulable",
-    "is_moe",
     "model_device",
     "model_dtype",
-    "packed_unsupported",
-    "router_spec",
 ]
-
-KV = tuple[torch.Tensor, torch.Tensor]
 
 
 @runtime_checkable
 class CausalLMAdapter(Protocol):
-    """What the schedules need from a model. Implementations never edit the model."""
+    """What the schedules need from a model. Implementations never edit the model; the optional
+    capabilities (see the module docstring) have defaults in :class:`AdapterBase`."""
 
     model: nn.Module
     vocab_size: int
     max_positions: int | None
     num_layers: int
+    head_dim: int | None
+    """D; ``None`` when unknown (the prefix-attention kernel then does not run)."""
+    is_moe: bool
+    """The model routes tokens to experts (whatever its router loss)."""
 
     @property
     def layers(self) -> nn.ModuleList:
         """The decoder layers, in order (used to attribute saved tensors to a layer)."""
+        ...
+
+    @property
+    def router(self) -> RouterSpec | None:
+        """The router loss the model trains with; ``None`` for dense models or when off."""
+        ...
+
+    @property
+    def lm_head(self) -> nn.Module | None:
+        """The LM head whose output :meth:`logits` returns as is, or ``None``."""
         ...
 
     def prompt_kv(self, ids: torch.Tensor, positions: torch.Tensor) -> list[KV]:
@@ -66,7 +78,7 @@ class CausalLMAdapter(Protocol):
         ...
 
     def response_hidden(
-        self, ids: torch.Tensor, positions: torch.Tensor, prefix_kv: list[KV]
+        self, ids: torch.Tensor, positions: torch.Tensor, prefix_kv: list[KV] | PackedPrefix
     ) -> torch.Tensor:
         """Hidden states [B, T, h] of right-padded rows ids/positions [B, T] that attend to the
         shared ``prefix_kv`` ([1, Hkv, P', D] per layer) and to their own earlier tokens (or, for
@@ -81,8 +93,39 @@ class CausalLMAdapter(Protocol):
         """LM-head logits [N, V] for hidden states [N, h]."""
         ...
 
+    def packed_unsupported(self, context_len: int) -> str | None:
+        """Why phase B cannot run packed rows over ``context_len`` keys (prompt plus the longest
+        response row), or ``None`` when it can."""
+        ...
 
-class ReferenceAdapter:
+    def check_schedulable(self) -> None:
+        """Raise ``ValueError`` if the model's current settings stop the reuse schedule."""
+        ...
+
+
+class AdapterBase:
+    """Defaults of the optional capabilities of :class:`CausalLMAdapter`: no packed rows, no
+    known head dim, no chunkable LM head, a dense model, nothing to check."""
+
+    head_dim: int | None = None
+    is_moe: bool = False
+
+    @property
+    def router(self) -> RouterSpec | None:
+        return None
+
+    @property
+    def lm_head(self) -> nn.Module | None:
+        return None
+
+    def packed_unsupported(self, context_len: int) -> str | None:
+        return f"{type(self).__name__} has no packed-row path (packed_unsupported)"
+
+    def check_schedulable(self) -> None:
+        return None
+
+
+class ReferenceAdapter(AdapterBase):
     """Adapter for :class:`hbmplan.models.ReferenceDecoder`."""
 
     def __init__(self, model: ReferenceDecoder | MoEDecoder) -> None:
@@ -165,33 +208,6 @@ class MoEAdapter(ReferenceAdapter):
         router_logits: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         return self._run(ids, positions, None, router_logits)[0]
-
-
-def check_schedulable(adapter: CausalLMAdapter) -> None:
-    """Raise if the model's current settings stop the reuse schedule (an adapter's optional
-    ``check_schedulable()``; e.g. Hugging Face gradient checkpointing)."""
-    check = getattr(adapter, "check_schedulable", None)
-    if check is not None:
-        check()
-
-
-def packed_unsupported(adapter: CausalLMAdapter, context_len: int) -> str | None:
-    """Why ``adapter`` cannot run packed rows over a context of ``context_len`` tokens (prompt plus
-    the longest response), or ``None`` when it can."""
-    check = getattr(adapter, "packed_unsupported", None)
-    if check is None:
-        return f"{type(adapter).__name__} has no packed-row path (packed_unsupported)"
-    return check(context_len)
-
-
-def is_moe(adapter: CausalLMAdapter) -> bool:
-    """Whether the model routes tokens to experts (whatever its router loss)."""
-    return bool(getattr(adapter, "is_moe", False))
-
-
-def router_spec(adapter: CausalLMAdapter) -> RouterSpec | None:
-    """The router loss ``adapter``'s model trains with; ``None`` for dense models or when off."""
-    return getattr(adapter, "router", None)
 
 
 def adapt(model: nn.Module | CausalLMAdapter) -> CausalLMAdapter:

@@ -31,8 +31,9 @@ import inspect
 import torch
 from torch import nn
 
+from hbmplan.models.adapter import AdapterBase
 from hbmplan.models.moe import RouterSpec
-from hbmplan.models.packed import PackedPrefix
+from hbmplan.models.packed import KV, PackedPrefix
 
 __all__ = [
     "ATTENTION_NAME",
@@ -43,7 +44,6 @@ __all__ = [
     "supported_text",
 ]
 
-KV = tuple[torch.Tensor, torch.Tensor]
 
 MOE_MODEL_TYPES = frozenset({"mixtral", "qwen2_moe", "qwen3_moe"})
 """Mixture-of-experts families: top-k softmax routers whose auxiliary loss is transformers'
@@ -128,7 +128,7 @@ def _register_attention() -> None:
     AttentionInterface.register(ATTENTION_NAME, packed_prefix_attention)
 
 
-class HFAdapter:
+class HFAdapter(AdapterBase):
     """Adapter for Hugging Face ``*ForCausalLM`` models of the supported families."""
 
     def __init__(self, model: nn.Module) -> None:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hbmplan.models.packed import PackedLayer, PackedPrefix
+from hbmplan.models.packed import KV, PackedLayer, PackedPrefix
 from hbmplan.models.reference import (
     RMSNorm,
     SelfAttention,
@@ -27,7 +27,6 @@ from hbmplan.models.reference import (
 
 __all__ = ["MoEConfig", "MoEDecoder", "RouterSpec"]
 
-KV = tuple[torch.Tensor, torch.Tensor]
 
 LoadBalancing = Literal["per-layer", "all-layers"]
 

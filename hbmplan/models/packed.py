@@ -16,11 +16,12 @@ import torch
 
 from hbmplan.kernels.prefix_attention import prefix_attention
 
-__all__ = ["KernelImpl", "PackedLayer", "PackedPrefix", "as_rows", "cu_seqlens_for"]
+__all__ = ["KV", "KernelImpl", "PackedLayer", "PackedPrefix", "as_rows", "cu_seqlens_for"]
 
 KernelImpl = Literal["triton", "reference"]
 
 KV = tuple[torch.Tensor, torch.Tensor]
+"""One layer's (k, v), each ``[1, Hkv, P, D]`` in a schedule (``[P, Hkv, D]`` packed)."""
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:

@@ -13,11 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hbmplan.kernels.reference import prefix_attention_ref, rms_norm_ref
-from hbmplan.models.packed import PackedLayer, PackedPrefix
+from hbmplan.models.packed import KV, PackedLayer, PackedPrefix
 
 __all__ = ["DecoderConfig", "ReferenceDecoder"]
-
-KV = tuple[torch.Tensor, torch.Tensor]
 
 
 def check_decoder_shape(cfg, extra_positive: tuple[str, ...] = ()) -> None:

@@ -7,14 +7,10 @@ otherwise it is *dormant* through phase B and may be offloaded or recomputed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
-from hbmplan.planner.capture import SavedStorage, storage_key
-
-__all__ = ["Lifetime", "classify", "rescale"]
+__all__ = ["Lifetime", "rescale"]
 
 
 @dataclass(frozen=True)
@@ -44,23 +40,6 @@ class Lifetime:
     def hot(self) -> bool:
         """Read during phase B: must stay on the device."""
         return "B" in self.used
-
-
-def classify(storages: Iterable[SavedStorage], read_in_b: Sequence[torch.Tensor]) -> list[Lifetime]:
-    """Lifetimes of phase-A storages; ``read_in_b`` are the tensors phase B reads (K/V leaves)."""
-    hot = {storage_key(t) for t in read_in_b}
-    return [
-        Lifetime(
-            id=rec.id,
-            nbytes=rec.nbytes,
-            layer=rec.last_layer,
-            op=rec.op,
-            dtype=str(rec.dtype),
-            born=rec.phase,
-            used=("B", "C") if rec.key in hot else ("C",),
-        )
-        for rec in storages
-    ]
 
 
 def rescale(

@@ -10,9 +10,9 @@ import itertools
 import json
 import numbers
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from hbmplan.errors import BudgetError
 from hbmplan.planner.lifetimes import Lifetime
@@ -353,10 +353,14 @@ def make_plan(inputs: PlanInputs) -> Plan:
 
 
 class PlanCache:
-    """Plans by shape signature: identical shapes (and budget, mode, actions) reuse a plan, new
-    shapes replan. Rates are not part of the key: a plan made from the first step's timings is
-    kept while shapes repeat; ``clear()`` to replan with new rates. Least recently used plans
-    are dropped beyond ``maxsize``."""
+    """Least-recently-used plans by key, at most ``maxsize``: the one plan cache.
+
+    :meth:`plan` keys by the shape signature of :class:`PlanInputs`: identical shapes (and
+    budget, mode, actions) reuse a plan, new shapes replan. Rates are not part of the key: a
+    plan made from the first step's timings is kept while shapes repeat; ``clear()`` to replan
+    with new rates. :meth:`get`/:meth:`put` serve callers that know a plan before they have its
+    inputs (the runtime keys by a step's shapes, before phase A has captured anything).
+    """
 
     def __init__(self, maxsize: int = 16) -> None:
         if maxsize < 1:
@@ -364,7 +368,7 @@ class PlanCache:
         self.maxsize = maxsize
         self.hits = 0
         self.misses = 0
-        self._plans: OrderedDict[tuple, Plan] = OrderedDict()
+        self._plans: OrderedDict[Hashable, Any] = OrderedDict()
 
     @staticmethod
     def signature(inputs: PlanInputs) -> tuple:
@@ -385,18 +389,33 @@ class PlanCache:
             else tuple(sorted((k, tuple(sorted(v))) for k, v in inputs.replayable.items())),
         )
 
-    def plan(self, inputs: PlanInputs) -> Plan:
-        """The cached plan for these shapes, or a new one (``make_plan``; errors propagate)."""
-        key = self.signature(inputs)
+    def get(self, key: Hashable) -> Any | None:
+        """The entry stored under ``key`` (now the most recently used), or ``None``."""
         if key in self._plans:
             self.hits += 1
             self._plans.move_to_end(key)
             return self._plans[key]
         self.misses += 1
-        plan = make_plan(inputs)
-        self._plans[key] = plan
-        if len(self._plans) > self.maxsize:
+        return None
+
+    def put(self, key: Hashable, value: Any) -> None:
+        """Store ``value`` under ``key``, dropping the least recently used beyond ``maxsize``."""
+        self._plans[key] = value
+        self._plans.move_to_end(key)
+        while len(self._plans) > self.maxsize:
             self._plans.popitem(last=False)
+
+    def pop(self, key: Hashable) -> None:
+        """Forget ``key`` (no error when absent)."""
+        self._plans.pop(key, None)
+
+    def plan(self, inputs: PlanInputs) -> Plan:
+        """The cached plan for these shapes, or a new one (``make_plan``; errors propagate)."""
+        key = self.signature(inputs)
+        plan = self.get(key)
+        if plan is None:
+            plan = make_plan(inputs)
+            self.put(key, plan)
         return plan
 
     def clear(self) -> None:

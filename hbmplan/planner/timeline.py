@@ -101,7 +101,7 @@ class Rates:
     @classmethod
     def from_step(cls, stats: Any, **overrides: Any) -> Rates:
         """Rates from a measured reuse step: ``stats.phases["A"|"B"|"C"].seconds`` (a
-        :class:`hbmplan.schedules.stats.StepStats`). A step that ran with offload includes its
+        :class:`hbmplan.runtime.stats.StepStats`). A step that ran with offload includes its
         exposed copy time; plan from a step without offload where possible."""
         phases: Mapping[str, Any] = stats.phases
         missing = [p for p in "ABC" if p not in phases]

@@ -1,7 +1,8 @@
-"""Training schedules: the dense baseline and the shared-prefix reuse schedule."""
+"""Training schedules: the dense baseline and the shared-prefix reuse schedule (a short driver
+over phases A, B and C; see :mod:`hbmplan.schedules.reuse`)."""
 
+from hbmplan.runtime.stats import PhaseStats, StepStats
 from hbmplan.schedules.dense import dense_step
-from hbmplan.schedules.reuse import reuse_step
-from hbmplan.schedules.stats import PhaseStats, StepStats
+from hbmplan.schedules.reuse import reuse_step, run_step
 
-__all__ = ["PhaseStats", "StepStats", "dense_step", "reuse_step"]
+__all__ = ["PhaseStats", "StepStats", "dense_step", "reuse_step", "run_step"]

@@ -18,45 +18,38 @@ padded ones as rows x longest row.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
+from hbmplan.config import ATTENTIONS, Attention
 from hbmplan.group import Group
+from hbmplan.kernels.accumulate import accumulation_dtype
 from hbmplan.kernels.prefix_attention import triton_unsupported
-from hbmplan.models.adapter import CausalLMAdapter, packed_unsupported
-from hbmplan.models.packed import KernelImpl
-from hbmplan.schedules.grad_cache import accumulation_dtype
+from hbmplan.models.adapter import CausalLMAdapter
+from hbmplan.runtime.step_plan import PhaseBAttention
 
-__all__ = ["ATTENTIONS", "Attention", "PhaseBAttention", "resolve_attention"]
-
-Attention = Literal["auto", "triton", "reference", "padded"]
-ATTENTIONS: tuple[Attention, ...] = ("auto", "triton", "reference", "padded")
-
-
-@dataclass(frozen=True)
-class PhaseBAttention:
-    """The resolved choice for one step."""
-
-    impl: KernelImpl | None
-    """The kernel implementation for packed rows; ``None`` for padded rows."""
-    why: str
-    """Why ``"auto"`` chose it (empty when it was asked for)."""
-
-    @property
-    def packed(self) -> bool:
-        return self.impl is not None
-
-    @property
-    def name(self) -> str:
-        """The path's name: "triton", "reference" or "padded"."""
-        return self.impl or "padded"
+__all__ = ["ATTENTIONS", "Attention", "PhaseBAttention", "auto_attention", "resolve_attention"]
 
 
 def context_len(groups: Sequence[Group]) -> int:
     """The most keys a response query sees: prompt K/V (P - 1) plus the longest response row."""
     return max(g.prompt_len - 1 + max(g.response_lens) for g in groups)
+
+
+def auto_attention(
+    device_type: str, packed_reason: str | None, kernel_reason: str | None
+) -> PhaseBAttention:
+    """What ``attention="auto"`` runs: the Triton kernel over packed rows when the step is on
+    CUDA, the model can pack (``packed_reason is None``) and the kernel takes the shapes and
+    dtypes (``kernel_reason is None``); otherwise padded rows, saying why. The one statement of
+    the rule: the schedule and the frontier's byte model both resolve "auto" here."""
+    if device_type != "cuda":
+        return PhaseBAttention(None, f"the groups are on {device_type}, not CUDA")
+    if packed_reason is not None:
+        return PhaseBAttention(None, packed_reason)
+    if kernel_reason is not None:
+        return PhaseBAttention(None, kernel_reason)
+    return PhaseBAttention("triton", "")
 
 
 def resolve_attention(
@@ -86,21 +79,14 @@ def resolve_attention(
         return PhaseBAttention(None, "")
     device = groups[0].prompt.device
     cache_dtype = grad_cache_dtype or accumulation_dtype(dtype)
-    reason = packed_unsupported(adapter, context_len(groups))
-    head_dim = getattr(adapter, "head_dim", None)
-    if reason is None and head_dim is None:
+    reason = adapter.packed_unsupported(context_len(groups))
+    if reason is None and adapter.head_dim is None:
         reason = f"{type(adapter).__name__} does not state its head_dim"
     kernel = None
     if reason is None:
-        kernel = triton_unsupported(device, dtype, head_dim, cache_dtype)
+        kernel = triton_unsupported(device, dtype, adapter.head_dim, cache_dtype)
     if attention == "auto":
-        if device.type != "cuda":
-            return PhaseBAttention(None, f"the groups are on {device.type}, not CUDA")
-        if reason is not None:
-            return PhaseBAttention(None, reason)
-        if kernel is not None:
-            return PhaseBAttention(None, kernel[1])
-        return PhaseBAttention("triton", "")
+        return auto_attention(device.type, reason, kernel[1] if kernel is not None else None)
     if reason is not None:
         raise ValueError(f"attention={attention!r} needs packed rows: {reason}")
     if attention == "triton" and kernel is not None:

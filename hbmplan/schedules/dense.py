@@ -12,9 +12,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from hbmplan.config import RouterLossMode, check_tokens_per_microbatch
 from hbmplan.group import Group, validate_groups
-from hbmplan.models.adapter import CausalLMAdapter, adapt, model_device, router_spec
-from hbmplan.planner.capture import SavedTensorCapture
+from hbmplan.models.adapter import CausalLMAdapter, adapt, model_device
+from hbmplan.runtime.capture import SavedTensorCapture
+from hbmplan.runtime.nvtx import nvtx_range
+from hbmplan.runtime.stats import PhaseClock, StepStats
 from hbmplan.schedules.microbatch import (
     LossFn,
     microbatch_loss,
@@ -22,15 +25,7 @@ from hbmplan.schedules.microbatch import (
     padded_rows,
     response_logprobs,
 )
-from hbmplan.schedules.reuse import check_tokens_per_microbatch
-from hbmplan.schedules.router import (
-    RouterLoss,
-    RouterLossMode,
-    count_dense,
-    resolve_router_loss,
-    routing_sums,
-)
-from hbmplan.schedules.stats import PhaseClock, StepStats
+from hbmplan.schedules.router import RouterLoss, count_dense, resolve_router_loss, routing_sums
 
 __all__ = ["dense_step"]
 
@@ -58,7 +53,7 @@ def dense_step(
     """
     adapter = adapt(model)
     check_tokens_per_microbatch(tokens_per_microbatch)
-    spec = resolve_router_loss(router_loss, router_spec(adapter))
+    spec = resolve_router_loss(router_loss, adapter.router)
     validate_groups(groups, adapter.vocab_size, adapter.max_positions, model_device(adapter))
     device = groups[0].prompt.device
     stats = StepStats("dense", groups=len(groups), trajectories=sum(g.group_size for g in groups))
@@ -72,7 +67,7 @@ def dense_step(
         if router is not None and router.mode == "global-batch":
             with clock.phase("count"):
                 router.set_global(*count_dense(adapter, spec, groups, tokens_per_microbatch))
-        with clock.phase("dense"):
+        with clock.phase("dense"), nvtx_range("hbmplan.dense.dense"):
             for group in groups:
                 P = group.prompt_len
                 lengths = [group.trajectory_len(i) for i in range(group.group_size)]

@@ -13,17 +13,10 @@ from collections.abc import Sequence
 
 import torch
 
-from hbmplan.kernels.reference import accumulate_into
-from hbmplan.models.packed import KernelImpl, PackedPrefix, as_rows
+from hbmplan.kernels.accumulate import accumulate_into, accumulation_dtype
+from hbmplan.models.packed import KV, KernelImpl, PackedPrefix, as_rows
 
 __all__ = ["GradientCache"]
-
-KV = tuple[torch.Tensor, torch.Tensor]
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for 16-bit K/V, otherwise the K/V dtype."""
-    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def _leaf(x: torch.Tensor) -> torch.Tensor:

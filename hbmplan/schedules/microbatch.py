@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from hbmplan.group import Group
+from hbmplan.kernels.logprobs import chunk_rows, chunked_token_logprobs, logprob_bytes
 from hbmplan.models.adapter import CausalLMAdapter
-from hbmplan.schedules.logprobs import chunk_rows, chunked_token_logprobs
 
 __all__ = [
     "LossFn",
@@ -133,17 +133,17 @@ def _plain_linear(head: object) -> bool:
 
 
 def logprob_working_bytes(adapter: CausalLMAdapter, n_tokens: int, dtype: torch.dtype) -> int:
-    """Device bytes :func:`token_logprobs` of ``n_tokens`` tokens of a ``dtype`` model works in
-    (for the offload planner's phase-B estimate): the fp32 [N, V] log-softmax and its gradient,
-    or, chunked, one chunk's buffers and the head's fp32 weight gradient."""
+    """Device bytes :func:`token_logprobs` of ``n_tokens`` tokens of a ``dtype`` model holds and
+    works in at the LM head's backward, chunked or not as it would run
+    (:func:`hbmplan.kernels.logprobs.logprob_bytes`, held plus working): the offload planner's
+    phase-B estimate."""
     acc = 8 if dtype == torch.float64 else 4
-    head = getattr(adapter, "lm_head", None)
+    head = adapter.lm_head
+    V, h, chunk = adapter.vocab_size, 0, None
     if _plain_linear(head):
         V, h = head.weight.shape
         chunk = chunk_rows(n_tokens, V, h, dtype.itemsize, acc)
-        if chunk is not None:
-            return chunk * V * (dtype.itemsize + 2 * acc) + V * h * (acc + dtype.itemsize)
-    return 2 * acc * n_tokens * adapter.vocab_size
+    return sum(logprob_bytes(n_tokens, V, h, dtype.itemsize, acc, chunk))
 
 
 def token_logprobs(
@@ -160,12 +160,12 @@ def token_logprobs(
         One tensor [S_b] per row, float32 (float64 for a float64 model), differentiable. When
         the adapter exposes its ``lm_head`` (a plain ``nn.Linear``: no subclass, hooks or
         parametrizations), autocast is off, and chunks need less memory than the [N, V]
-        log-softmax (:func:`hbmplan.schedules.logprobs.chunk_rows`), they are computed in
-        chunks (:func:`hbmplan.schedules.logprobs.chunked_token_logprobs`).
+        log-softmax (:func:`hbmplan.kernels.logprobs.chunk_rows`), they are computed in
+        chunks (:func:`hbmplan.kernels.logprobs.chunked_token_logprobs`).
     """
     dtype = torch.float64 if picked.dtype == torch.float64 else torch.float32
     tok = torch.cat(list(targets)).to(picked.device)
-    head = getattr(adapter, "lm_head", None)
+    head = adapter.lm_head
     chunk = None
     if _plain_linear(head) and not torch.is_autocast_enabled(picked.device.type):
         # chunks when they need less memory: nothing [N, V] kept

@@ -35,12 +35,12 @@ from typing import Literal
 
 import torch
 
+from hbmplan.config import ROUTER_LOSS_MODES, RouterLossMode
 from hbmplan.group import Group
-from hbmplan.kernels.reference import accumulate_into
+from hbmplan.kernels.accumulate import accumulate_into, accumulation_dtype
 from hbmplan.models.moe import RouterSpec, router_probs
-from hbmplan.schedules.grad_cache import accumulation_dtype
+from hbmplan.runtime.stats import RouterStepStats
 from hbmplan.schedules.microbatch import pack_rows, padded_rows
-from hbmplan.schedules.stats import RouterStepStats
 
 __all__ = [
     "ROUTER_LOSS_MODES",
@@ -55,9 +55,6 @@ __all__ = [
     "routing_sums",
     "with_prefix",
 ]
-
-RouterLossMode = Literal["per-trajectory", "global-batch", "off"]
-ROUTER_LOSS_MODES = ("per-trajectory", "global-batch", "off")
 
 
 def resolve_router_loss(mode: str, spec: RouterSpec | None) -> RouterSpec | None:

@@ -199,7 +199,7 @@ def test_empty_storage_round_trip(engine, pool):
 
 def test_autograd_through_capture_is_unchanged():
     """Saved tensors swapped for reloaded copies give the same gradients (torch.equal)."""
-    from hbmplan.planner.capture import SavedTensorCapture
+    from hbmplan.runtime.capture import SavedTensorCapture
 
     def run(offload):
         torch.manual_seed(0)

@@ -10,7 +10,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from hbmplan.kernels import launch, prefix_attention
-from tests.kernels.attention_cases import (
+from tests.helpers.attention_cases import (
     NAMES,
     assert_by_rule,
     assert_tight,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hbmplan.kernels import prefix_attention
-from tests.kernels.attention_cases import assert_tight, make_case, run
+from tests.helpers.attention_cases import assert_tight, make_case, run
 
 pa_module = importlib.import_module("hbmplan.kernels.prefix_attention")
 

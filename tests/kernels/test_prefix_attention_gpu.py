@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hbmplan.kernels import launch, prefix_attention
-from tests.kernels.attention_cases import (
+from tests.helpers.attention_cases import (
     NAMES,
     assert_by_rule,
     attention_math,

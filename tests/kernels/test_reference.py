@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hbmplan.kernels import prefix_attention, prefix_attention_ref, prefix_attention_varlen_ref
-from tests.kernels.attention_cases import NAMES, attention_math, make_case, run
+from tests.helpers.attention_cases import NAMES, attention_math, make_case, run
 
 HEADS = [(2, 2), (4, 1), (4, 2), (6, 2)]
 shapes = st.tuples(

@@ -351,15 +351,12 @@ def test_inputs_and_predict_reject_bad_values():
     assert predict(inputs, {2: "recompute"}, 1, 1).exposed_c_s > 0
 
 
-def test_planning_32_layers_is_quick():
-    """A Llama3-8B-like capture (32 layers, 17 storages each) plans within seconds."""
-    import time
-
+def test_planning_32_layers_fits_the_budget():
+    """A Llama3-8B-like capture (32 layers, 17 storages each) plans within the budget; how long
+    that takes is a benchmark (tools/bench_planner.py), not a test."""
     rng = random.Random(0)
     sizes = [rng.choice([2, 4, 7]) * 2**26 for _ in range(15)]
     inputs = layered(n_layers=32, sizes=sizes)
     lo, hi = bounds(inputs)
-    t = time.perf_counter()
     plan = make_plan(with_budget(inputs, (lo + hi) // 3))
-    assert time.perf_counter() - t < 10.0
     assert plan.peak_bytes <= (lo + hi) // 3

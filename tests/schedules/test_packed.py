@@ -26,7 +26,7 @@ from tests.helpers import (
     tiny_hf,
     tiny_reference,
 )
-from tests.models.test_moe import grad_diff, tiny_hf_moe, tiny_moe
+from tests.helpers.moe import grad_diff, tiny_hf_moe, tiny_moe
 
 needs_triton = pytest.mark.skipif(
     not launch.detect().triton, reason="the triton package is not installed"

@@ -11,11 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hbmplan
+from hbmplan.runtime.planning import PromptPlanner
 from hbmplan.schedules import dense_step, reuse_step
+from hbmplan.schedules import phases as phases_mod
 from hbmplan.schedules import reuse as reuse_mod
 from hbmplan.schedules import router as router_mod
 from tests.helpers import grads_of, pg_loss, random_group, tiny_hf, tiny_reference
-from tests.models.test_moe import aux_by_definition, grad_diff, tiny_hf_moe, tiny_moe
+from tests.helpers.moe import aux_by_definition, grad_diff, tiny_hf_moe, tiny_moe
 
 MODES = ["per-trajectory", "global-batch"]
 
@@ -255,7 +257,7 @@ def test_prompt_counted_once_is_caught(monkeypatch):
         )  # the tokens still count in T_i: only the prompt's counts and sums are dropped
         return real(empty, rows)
 
-    monkeypatch.setattr(reuse_mod, "with_prefix", once)
+    monkeypatch.setattr(phases_mod, "with_prefix", once)
     _, _, wrong, ws = run_both(model, groups)
     assert calls["n"] == 3
     assert grad_diff(wrong, dense) > 1e-3
@@ -339,11 +341,11 @@ def test_offload_all_is_bitwise_same_and_router_sums_are_hot(monkeypatch):
     model = tiny_moe(torch.float32, aux=1.0, z=0.1)
     steps = [[random_group(20, [5, 9, 3], seed=13, dtype=torch.float32)]] * 2
     hot_lists = []
-    real = hbmplan.schedules.offload.PromptOffloader.after_phase_a
+    real = PromptPlanner.after_a
 
-    def spy(self, capture, prompt_kv, *args):
-        hot_lists.append({t.untyped_storage().data_ptr() for t in prompt_kv})
-        return real(self, capture, prompt_kv, *args)
+    def spy(self, ctx):
+        hot_lists.append({t.untyped_storage().data_ptr() for t in ctx.hot})
+        return real(self, ctx)
 
     leaves = []
     real_init = router_mod.PrefixRouterLeaves.__init__
@@ -352,7 +354,7 @@ def test_offload_all_is_bitwise_same_and_router_sums_are_hot(monkeypatch):
         real_init(self, *args, **kwargs)
         leaves.append({t.untyped_storage().data_ptr() for t in self.leaves})
 
-    monkeypatch.setattr(hbmplan.schedules.offload.PromptOffloader, "after_phase_a", spy)
+    monkeypatch.setattr(PromptPlanner, "after_a", spy)
     monkeypatch.setattr(router_mod.PrefixRouterLeaves, "__init__", track)
 
     def run(offload):

@@ -8,8 +8,9 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from hbmplan.schedules import dense_step, logprobs, microbatch, reuse_step
-from hbmplan.schedules.logprobs import chunk_rows, chunked_token_logprobs, token_logprobs_ref
+from hbmplan.kernels import logprobs
+from hbmplan.kernels.logprobs import chunk_rows, chunked_token_logprobs, token_logprobs_ref
+from hbmplan.schedules import dense_step, microbatch, reuse_step
 from tests.helpers import (
     assert_tolerance_rule,
     grads_of,

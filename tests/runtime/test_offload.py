@@ -11,11 +11,12 @@ from hypothesis import strategies as st
 
 import hbmplan
 from hbmplan.allocator import PoolExhaustedError
-from hbmplan.planner import capture as capture_mod
 from hbmplan.planner.timeline import Rates
-from hbmplan.schedules import offload as offload_mod
-from tests.helpers import grads_of, pg_loss, random_group, tiny_hf, tiny_reference
-from tests.models.test_moe import tiny_moe
+from hbmplan.runtime import capture as capture_mod
+from hbmplan.runtime import offload as offload_mod
+from hbmplan.runtime import planning as planning_mod
+from tests.helpers import grads_of, pg_loss, random_group, replay_spy, tiny_hf, tiny_reference
+from tests.helpers.moe import tiny_moe
 
 
 def _steps(model, groups_per_step, **kw):
@@ -118,12 +119,12 @@ def test_a_missed_prediction_replans_and_stays_bitwise_same(monkeypatch):
     model = tiny_reference(torch.float32, layers=3)
     steps = [[random_group(P, [4, 6], seed=P, dtype=torch.float32)] for P in (30, 45, 45)]
     base, _ = _steps(model, steps, offload="off")
-    real = offload_mod.rescale
+    real = planning_mod.rescale
 
     def wrong(*args):  # every storage predicted at half its size
         return [dataclasses.replace(lt, nbytes=lt.nbytes // 2) for lt in real(*args)]
 
-    monkeypatch.setattr(offload_mod, "rescale", wrong)
+    monkeypatch.setattr(planning_mod, "rescale", wrong)
     moved, box = _steps(model, steps, offload="all")
     assert _equal(moved, base)
     _, missed, again = box["stats"]
@@ -228,26 +229,13 @@ def test_host_pool_exhausted_mid_step_restores_grads_and_releases_the_pool(monke
 
 
 def test_plans_kept_per_context_are_bounded(monkeypatch):
-    monkeypatch.setattr(offload_mod, "_MAX_PLANS", 2)
+    monkeypatch.setattr(planning_mod, "MAX_PLANS", 2)
     model = tiny_reference(torch.float32, layers=2)
     steps = [[random_group(P, [3, 4], seed=P, dtype=torch.float32)] for P in (20, 26, 31, 20)]
     _, box = _steps(model, steps, offload="all")
-    plans = box["mem"]._offloader._plans
+    plans = box["mem"]._planner._plans
     assert len(plans) == 2  # the two most recent shapes; P=20 came back as a prediction
     assert box["stats"][3].offload.predicted
-
-
-def _replays(monkeypatch) -> list[int]:
-    """The layers phase C replays, in order."""
-    layers: list[int] = []
-    real = capture_mod.SavedTensorCapture._replay
-
-    def spy(self, layer):
-        layers.append(layer)
-        return real(self, layer)
-
-    monkeypatch.setattr(capture_mod.SavedTensorCapture, "_replay", spy)
-    return layers
 
 
 SLOW_LINK = Rates(d2h_gbps=1e-4, h2d_gbps=1e-4)  # the planner then prefers recompute to copies
@@ -263,7 +251,7 @@ def test_recompute_replays_layers_and_is_bitwise_same(kind, dtype, monkeypatch):
     base, plain = _steps(model, steps, offload="off")
     no_offload = plain["stats"][1].phases
     budget = int(0.85 * max(p.peak_bytes for p in no_offload.values()))
-    replays = _replays(monkeypatch)
+    replays = replay_spy(monkeypatch)
     got, box = _steps(model, steps, hbm_budget=budget, rates=SLOW_LINK)
     assert _equal(got, base)
     first, predicted, cached = box["stats"]
@@ -280,7 +268,7 @@ def test_layers_that_cannot_replay_keep_their_tensors(monkeypatch):
     steps = [[random_group(P, [5, 9], seed=P, dtype=torch.float32)] for P in (30, 40)]
     base, plain = _steps(model, steps, offload="off")
     budget = int(0.85 * max(p.peak_bytes for p in plain["stats"][1].phases.values()))
-    replays = _replays(monkeypatch)
+    replays = replay_spy(monkeypatch)
     got, box = _steps(model, steps, hbm_budget=budget, rates=SLOW_LINK)
     assert _equal(got, base) and replays == []
     assert box["stats"][1].offload.plan.recompute_bytes > 0
@@ -303,7 +291,7 @@ def test_a_layer_whose_first_saved_tensor_is_not_its_input_is_never_replayed(mon
     steps = [[random_group(P, [5, 9], seed=P, dtype=torch.float32)] for P in (30, 40)]
     base, plain = _steps(model, steps, offload="off")
     budget = int(0.85 * max(p.peak_bytes for p in plain["stats"][1].phases.values()))
-    replays = _replays(monkeypatch)
+    replays = replay_spy(monkeypatch)
     got, _ = _steps(model, steps, hbm_budget=budget, rates=SLOW_LINK)
     assert _equal(got, base)
     assert replays and 1 not in replays
@@ -321,7 +309,7 @@ def test_replay_reuses_the_forward_rng_state(monkeypatch):
     torch.manual_seed(0)
     base, plain = _steps(model, steps, offload="off")
     peak = max(p.peak_bytes for p in plain["stats"][1].phases.values())
-    replays = _replays(monkeypatch)
+    replays = replay_spy(monkeypatch)
     got = None
     for fraction in (0.85, 0.9, 0.95):  # dropout masks add dormant bytes: find a feasible one
         torch.manual_seed(0)

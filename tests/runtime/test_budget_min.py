@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import hbmplan
 from hbmplan.losses import PolicyLoss, group_advantages
 from hbmplan.models import DecoderConfig, ReferenceDecoder
-from hbmplan.schedules.offload import PROBE_TOKENS
+from hbmplan.runtime.probe import PROBE_TOKENS
 from tests.helpers import pg_loss, random_group, tiny_reference
 
 GRANULE = 512  # the host pool's block alignment: what "within one allocation granule" means

@@ -76,6 +76,16 @@ class ModelSpec:
                 f"got {self.num_experts}, {self.experts_per_token}, {self.moe_intermediate_size}"
             )
 
+    @property
+    def active_intermediate_size(self) -> int:
+        """The MLP width one token's forward runs through, averaged over the layers: F in dense
+        layers, k experts of their width in MoE layers (what FLOP counts use; routers left out)."""
+        moe_width = self.experts_per_token * self.moe_intermediate_size
+        dense = self.num_layers - self.moe_layers
+        return round(
+            (dense * self.intermediate_size + self.moe_layers * moe_width) / self.num_layers
+        )
+
     def layer_parameters(self, moe: bool) -> int:
         """Parameters of one decoder layer (dense-MLP or MoE)."""
         h, D, Hq, Hkv = self.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads

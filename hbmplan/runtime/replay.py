@@ -1,7 +1,7 @@
 """What replaying a decoder layer needs: the call it was made with (its hidden-state input left
 out: the replay restarts from the layer's first saved tensor) and the RNG state at its start.
 
-:class:`hbmplan.planner.capture.SavedTensorCapture` keeps a :class:`LayerCall` for each layer
+:class:`hbmplan.runtime.capture.SavedTensorCapture` keeps a :class:`LayerCall` for each layer
 that may recompute, drops those layers' planned saved tensors after their forward (leaving a
 :class:`Dropped` marker), and replays the layer at phase C's first unpack of one of them.
 """

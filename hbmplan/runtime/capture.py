@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -24,7 +24,7 @@ from torch import nn
 
 from hbmplan.allocator.engine import OffloadEngine, OffloadHandle
 from hbmplan.allocator.views import TensorMeta, rebuild
-from hbmplan.planner.replay import Dropped, LayerCall, rng_state, set_rng_state, without_cache
+from hbmplan.runtime.replay import Dropped, LayerCall, rng_state, set_rng_state, without_cache
 
 __all__ = ["SavedStorage", "SavedTensorCapture", "storage_key"]
 
@@ -97,8 +97,7 @@ class SavedTensorCapture:
     Args:
         exclude: tensors whose storages are never recorded (the model's parameters and buffers:
             they outlive every schedule).
-        layers: decoder layers; a forward pre-hook on each tells which layer is running and
-            calls ``on_layer_start(index)`` if set.
+        layers: decoder layers; a forward pre-hook on each tells which layer is running.
 
     Use ``with capture.phase("A"):`` around the forward whose saved tensors to capture; the
     autograd graph built there unpacks from this store during backward. ``release()`` drops
@@ -135,7 +134,6 @@ class SavedTensorCapture:
         """Bytes of the distinct storages the capture holds on the device now."""
         self.peak_nbytes = 0
         """The most ``nbytes`` has been since the capture started (or ``reset_peak``)."""
-        self.on_layer_start = None  # optional callback(layer index), run before each layer
 
     # -- hooks ---------------------------------------------------------------------------------
     def _pack(self, t: torch.Tensor) -> _Ticket | torch.Tensor:
@@ -219,8 +217,6 @@ class SavedTensorCapture:
 
     def _enter_layer(self, index: int):
         def hook(module, args, kwargs):
-            if self.on_layer_start is not None:
-                self.on_layer_start(index)
             self._layer, self._in_layer = index, True
             if not args or not isinstance(args[0], torch.Tensor):
                 return
@@ -410,6 +406,25 @@ class SavedTensorCapture:
         if self._on_device.get(rec.key) is rec:
             del self._on_device[rec.key]
             self.nbytes -= rec.nbytes
+
+    def held_nbytes(self, tensors: Sequence[torch.Tensor]) -> int:
+        """Device bytes of the capture's storages plus those of ``tensors`` not among them."""
+        seen, extra = set(self._on_device), 0
+        for t in tensors:
+            key = storage_key(t)
+            if key not in seen:
+                seen.add(key)
+                extra += t.untyped_storage().nbytes()
+        return self.nbytes + extra
+
+    def unrecorded_nbytes(self, tensors: Sequence[torch.Tensor]) -> int:
+        """Bytes of the storages of ``tensors`` the capture never recorded (each counted once):
+        what a phase holds beside its saved tensors. A storage recorded and since dropped (the
+        last layer's K/V, saved until the discarded hidden states' branch died) was in the
+        capture's peak already."""
+        recorded = {rec.key for rec in self.records}
+        extra = {storage_key(t): t.untyped_storage().nbytes() for t in tensors}
+        return sum(n for key, n in extra.items() if key not in recorded)
 
     def reset_peak(self) -> None:
         """Start a new peak measurement from the bytes held now."""

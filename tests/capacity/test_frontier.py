@@ -11,11 +11,12 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import hbmplan
+from hbmplan.capacity.frontier import Calibration, Shards, frontier, static_memory
+from hbmplan.capacity.presets import PRESETS, ModelSpec, model_spec
+from hbmplan.capacity.step_bytes import estimate_step
+from hbmplan.kernels import logprobs
 from hbmplan.models import DecoderConfig, ReferenceDecoder
-from hbmplan.planner.activations import estimate_step
-from hbmplan.planner.frontier import Calibration, Shards, frontier, static_memory
-from hbmplan.planner.presets import PRESETS, ModelSpec, model_spec
-from hbmplan.schedules import dense_step, logprobs, reuse_step
+from hbmplan.schedules import dense_step, reuse_step
 
 transformers = pytest.importorskip("transformers")
 
@@ -176,7 +177,7 @@ def test_estimate_matches_measured_cpu_peaks_of_hf_models(family, dtype):
 
 
 def test_moe_prompt_forward_matches_measured_bytes():
-    from hbmplan.planner.capture import SavedTensorCapture
+    from hbmplan.runtime.capture import SavedTensorCapture
 
     cfg = transformers.Qwen3MoeConfig(
         vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

@@ -89,3 +89,18 @@ def assert_tolerance_rule(x, dense, ref, dtype=torch.bfloat16) -> None:
         err_dense = (dense[name].double() - r).abs().max().item()
         atol = (r.to(dtype).double() - r).abs().max().item()
         assert err <= 2 * err_dense + atol, (name, err, err_dense, atol)
+
+
+def replay_spy(monkeypatch) -> list[int]:
+    """The layers the saved-tensor capture replays from here on, in order."""
+    from hbmplan.runtime import capture as capture_mod
+
+    layers: list[int] = []
+    real = capture_mod.SavedTensorCapture._replay
+
+    def spy(self, layer):
+        layers.append(layer)
+        return real(self, layer)
+
+    monkeypatch.setattr(capture_mod.SavedTensorCapture, "_replay", spy)
+    return layers

@@ -3,7 +3,7 @@
 On CUDA a phase's time comes from CUDA events (read once, at the end of the step) and its peak
 from the caching allocator's statistics. On CPU the time is ``perf_counter`` and the peak is the
 bytes of live tensors the schedule holds at the end of the phase (saved activations, prompt K/V,
-gradient cache), as counted by :class:`hbmplan.planner.capture.SavedTensorCapture`.
+gradient cache), as counted by :class:`hbmplan.runtime.capture.SavedTensorCapture`.
 """
 
 from __future__ import annotations
@@ -15,20 +15,7 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["PhaseClock", "PhaseStats", "RouterStepStats", "StepStats", "nvtx_range"]
-
-
-@contextmanager
-def nvtx_range(name: str):
-    """An NVTX range on CUDA (visible in Nsight Systems); a no-op elsewhere."""
-    if torch.cuda.is_available():
-        torch.cuda.nvtx.range_push(name)
-        try:
-            yield
-        finally:
-            torch.cuda.nvtx.range_pop()
-    else:
-        yield
+__all__ = ["PhaseClock", "PhaseStats", "RouterStepStats", "StepStats"]
 
 
 @dataclass
@@ -89,7 +76,12 @@ class StepStats:
     router: RouterStepStats | None = None
     """The router loss and per-expert token counts (MoE models with a router loss on)."""
     offload: Any = None
-    """:class:`hbmplan.schedules.offload.OffloadReport` when the step planned offload."""
+    """:class:`hbmplan.runtime.offload.OffloadReport` when the step planned offload."""
+
+    def record_peak(self, phase: str, nbytes: int) -> None:
+        """Raise phase ``phase``'s peak to ``nbytes`` if it is higher (held-tensor metering)."""
+        stats = self.phases.setdefault(phase, PhaseStats())
+        stats.peak_bytes = max(stats.peak_bytes, int(nbytes))
 
     @property
     def seconds(self) -> float:
@@ -119,28 +111,26 @@ class PhaseClock:
     @contextmanager
     def phase(self, name: str):
         stats = self.stats.phases.setdefault(name, PhaseStats())
-        with nvtx_range(f"hbmplan.{self.stats.schedule}.{name}"):
-            if self.cuda:
-                torch.cuda.reset_peak_memory_stats()
-                start, end = (
-                    torch.cuda.Event(enable_timing=True),
-                    torch.cuda.Event(enable_timing=True),
-                )
-                start.record()
-                yield
-                end.record()
-                self._events.append((name, start, end))
-                stats.peak_bytes = max(stats.peak_bytes, torch.cuda.max_memory_allocated())
-            else:
-                t0 = time.perf_counter()
-                yield
-                stats.seconds += time.perf_counter() - t0
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            start, end = (
+                torch.cuda.Event(enable_timing=True),
+                torch.cuda.Event(enable_timing=True),
+            )
+            start.record()
+            yield
+            end.record()
+            self._events.append((name, start, end))
+            stats.peak_bytes = max(stats.peak_bytes, torch.cuda.max_memory_allocated())
+        else:
+            t0 = time.perf_counter()
+            yield
+            stats.seconds += time.perf_counter() - t0
 
     def sample(self, name: str, held_bytes: int) -> None:
         """Record that the schedule holds ``held_bytes`` during phase ``name`` (CPU)."""
         if not self.cuda:
-            stats = self.stats.phases.setdefault(name, PhaseStats())
-            stats.peak_bytes = max(stats.peak_bytes, int(held_bytes))
+            self.stats.record_peak(name, held_bytes)
 
     def finish(self) -> StepStats:
         for name, start, end in self._events:

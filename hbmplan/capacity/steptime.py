@@ -6,8 +6,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from hbmplan.flops import ModelShape, dense_flops, reuse_flops
-from hbmplan.planner.presets import ModelSpec
+from hbmplan.capacity.flops import (
+    attention_flops,
+    dense_flops,
+    linear_flops_per_token,
+    reuse_flops,
+)
+from hbmplan.capacity.presets import ModelSpec
 from hbmplan.planner.timeline import Rates, Stage, exposure_ab, exposure_c
 
 __all__ = [
@@ -18,7 +23,6 @@ __all__ = [
     "Plan",
     "StepTime",
     "candidate_plans",
-    "model_shape",
     "step_time",
 ]
 
@@ -30,7 +34,7 @@ class Card:
     name: str
     """Short name ("h200")."""
     flops: float
-    """FLOP/s the dense trainer achieves in bf16 (FLOPs counted as :mod:`hbmplan.flops` does)."""
+    """FLOP/s the dense trainer achieves in bf16 (FLOPs counted as :mod:`hbmplan.capacity.flops` does)."""
     flops_range: tuple[float, float]
     """The measured spread of ``flops`` (``flops`` is its midpoint)."""
     d2h_gbps: float
@@ -99,22 +103,12 @@ class StepTime:
     """Prompt layers (reuse) or layers per trajectory (dense+ckpt) run forward twice."""
 
 
-def model_shape(spec: ModelSpec) -> ModelShape:
-    """FLOP-counting shapes of ``spec``. MoE layers count the active experts' MLP width (k
-    experts of their width per token); the router's matmul is left out."""
-    moe_width = spec.experts_per_token * spec.moe_intermediate_size
-    dense = spec.num_layers - spec.moe_layers
-    width = (dense * spec.intermediate_size + spec.moe_layers * moe_width) / spec.num_layers
-    return ModelShape(spec.hidden_size, spec.num_layers, spec.num_heads, spec.num_kv_heads,
-                      spec.head_dim, round(width), spec.vocab_size)  # fmt: skip
-
-
 def candidate_plans(L: int, fits: Callable[..., bool]) -> dict[str, list[Plan]]:
     """Per reuse schedule that moves or recomputes, the plans the planner would choose among at
     one prompt length: as few of the ``L`` layers recomputed, or offloaded, as fit; with both
     allowed, either of those, or every layer moved (whole, or its checkpoint after a recompute)
     when that fits. ``fits(schedule, recompute_layers=..., offload_layers=...)`` says whether a
-    plan's peak fits (see :func:`hbmplan.planner.activations.estimate_step`)."""
+    plan's peak fits (see :func:`hbmplan.capacity.step_bytes.estimate_step`)."""
     out: dict[str, list[Plan]] = {}
     if fits("reuse+recompute"):
         r = next(r for r in range(L + 1) if fits("reuse+recompute", recompute_layers=r))
@@ -129,10 +123,10 @@ def candidate_plans(L: int, fits: Callable[..., bool]) -> dict[str, list[Plan]]:
     return out
 
 
-def _prompt_layer_flops(shape: ModelShape, prompt_len: int) -> int:
+def _prompt_layer_flops(spec: ModelSpec, prompt_len: int) -> int:
     """Forward FLOPs of one decoder layer over the shared prompt ``p[:-1]``."""
     Pm = prompt_len - 1
-    return shape.linear_per_token * Pm + shape.attention(Pm, 0)
+    return linear_flops_per_token(spec) * Pm + attention_flops(spec, Pm, 0)
 
 
 def step_time(
@@ -149,7 +143,7 @@ def step_time(
 ) -> StepTime:
     """ESTIMATE one group's step time for a schedule of :func:`hbmplan.frontier`.
 
-    Compute is the FLOP count (:mod:`hbmplan.flops`; the reuse schedules as executed) divided
+    Compute is the FLOP count (:mod:`hbmplan.capacity.flops`; the reuse schedules as executed) divided
     by ``tp`` and by ``card.flops``, the dense trainer's measured rate, for every schedule.
     "dense+ckpt" adds one forward of every layer per trajectory. In the reuse schedules a
     recomputed prompt layer runs its forward again right before its backward in phase C,
@@ -164,25 +158,25 @@ def step_time(
         card: measured rates.
         tp: tensor-parallel degree (divides every FLOP; collectives are not modelled).
         layer_bytes: (dormant, checkpoint) device bytes of one prompt layer
-            (:func:`hbmplan.planner.activations.prompt_layer_bytes`), for the copies.
+            (:func:`hbmplan.capacity.step_bytes.prompt_layer_bytes`), for the copies.
         prefetch_layers: the offload schedules' window of layers on the device.
         plans: for the reuse schedules, the candidate plans (:data:`Plan`); the least exposed
             is taken. Default: the schedule's lowest plan (what its frontier assumes).
     """
-    shape, L = model_shape(spec), spec.num_layers
+    L = spec.num_layers
     rate = card.flops * tp
     P, lens = prompt_len, list(response_lens)
     if schedule.startswith("dense"):
-        flops = dense_flops(shape, P, lens)
+        flops = dense_flops(spec, P, lens)
         if schedule == "dense+ckpt":
-            redo = sum(L * (shape.linear_per_token * t + shape.attention(t, 0))
+            redo = sum(L * (linear_flops_per_token(spec) * t + attention_flops(spec, t, 0))
                        for t in (P + s - 1 for s in lens))  # fmt: skip
             return StepTime((flops + redo) / rate, flops / rate, redo / rate, flops + redo, L)
         return StepTime(flops / rate, flops / rate, 0.0, flops, 0)
 
-    flops = reuse_flops(shape, P, lens, executed=True)
-    layer_f = _prompt_layer_flops(shape, P)  # phase A: L of these
-    b_flops = sum(_b_flops(shape, P, s) for s in lens)
+    flops = reuse_flops(spec, P, lens, executed=True)
+    layer_f = _prompt_layer_flops(spec, P)  # phase A: L of these
+    b_flops = sum(_b_flops(spec, P, s) for s in lens)
     c_flops = flops - L * layer_f - b_flops  # the prompt backward, split evenly over layers
     stages = [Stage(k, 0, (), layer_f / rate, c_flops / L / rate) for k in range(L)]
     responses = b_flops / rate
@@ -208,7 +202,7 @@ def step_time(
     return StepTime(flops / rate + exposed, flops / rate, exposed, flops + r * layer_f, r)
 
 
-def _b_flops(shape: ModelShape, prompt_len: int, s: int) -> int:
+def _b_flops(spec: ModelSpec, prompt_len: int, s: int) -> int:
     """Training FLOPs of one response row in phase B (3x its forward)."""
-    layer = shape.linear_per_token * s + shape.attention(s, prompt_len - 1)
-    return 3 * (shape.layers * layer + 2 * shape.hidden * shape.vocab * s)
+    layer = linear_flops_per_token(spec) * s + attention_flops(spec, s, prompt_len - 1)
+    return 3 * (spec.num_layers * layer + 2 * spec.hidden_size * spec.vocab_size * s)

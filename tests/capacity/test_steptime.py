@@ -8,11 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from hbmplan.flops import dense_flops, reuse_flops
-from hbmplan.planner.activations import estimate_step, prompt_layer_bytes
-from hbmplan.planner.frontier import Shards, frontier
-from hbmplan.planner.presets import PRESETS
-from hbmplan.planner.steptime import H200, model_shape, step_time
+from hbmplan.capacity.flops import (
+    attention_flops,
+    dense_flops,
+    linear_flops_per_token,
+    reuse_flops,
+)
+from hbmplan.capacity.frontier import Shards, frontier
+from hbmplan.capacity.presets import PRESETS
+from hbmplan.capacity.step_bytes import estimate_step, prompt_layer_bytes
+from hbmplan.capacity.steptime import H200, step_time
 
 ROOT = Path(__file__).resolve().parents[2]
 REUSE = ("reuse", "reuse+recompute", "reuse+offload", "reuse+offload+recompute")
@@ -31,21 +36,21 @@ def test_h200_rates_are_the_recorded_measurements():
 
 @pytest.mark.parametrize("tp", [1, 4])
 def test_compute_is_the_flop_count_at_the_card_rate(tp):
-    shape, lens, rate = model_shape(LLAMA), [1024] * 8, H200.flops * tp
+    shape, lens, rate = LLAMA, [1024] * 8, H200.flops * tp
     dense = step_time(LLAMA, 8192, lens, "dense", tp=tp)
     assert dense.seconds == dense.compute_s == dense_flops(shape, 8192, lens) / rate
     reuse = step_time(LLAMA, 8192, lens, "reuse", tp=tp)
     assert reuse.seconds == reuse_flops(shape, 8192, lens, executed=True) / rate
     assert reuse.exposed_s == 0.0 and reuse.recomputed_layers == 0
     ckpt = step_time(LLAMA, 8192, lens, "dense+ckpt", tp=tp)
-    layers_fwd = sum(32 * (shape.linear_per_token * t + shape.attention(t, 0))
+    layers_fwd = sum(32 * (linear_flops_per_token(shape) * t + attention_flops(shape, t, 0))
                      for t in (8192 + s - 1 for s in lens))  # fmt: skip
     assert ckpt.compute_s == dense.compute_s and ckpt.exposed_s == layers_fwd / rate
 
 
 def test_moe_counts_the_active_experts():
     spec = PRESETS["qwen3-30b-a3b"]
-    assert model_shape(spec).intermediate == 8 * 768  # 8 of 128 experts per token
+    assert spec.active_intermediate_size == 8 * 768  # 8 of 128 experts per token
 
 
 def test_recompute_is_exposed_in_full_and_copies_only_where_compute_does_not_hide_them():
@@ -53,8 +58,10 @@ def test_recompute_is_exposed_in_full_and_copies_only_where_compute_does_not_hid
     layer_bytes = prompt_layer_bytes(LLAMA, P)
     reuse = step_time(LLAMA, P, lens, "reuse")
     recompute = step_time(LLAMA, P, lens, "reuse+recompute", layer_bytes=layer_bytes)
-    shape = model_shape(LLAMA)
-    layer_fwd = (shape.linear_per_token * (P - 1) + shape.attention(P - 1, 0)) / H200.flops
+    shape = LLAMA
+    layer_fwd = (
+        linear_flops_per_token(shape) * (P - 1) + attention_flops(shape, P - 1, 0)
+    ) / H200.flops
     assert recompute.recomputed_layers == 32
     assert recompute.exposed_s == pytest.approx(32 * layer_fwd, rel=1e-9)
     tiny = step_time(LLAMA, P, lens, "reuse+offload", layer_bytes=(1024, 64))
