@@ -131,6 +131,13 @@ class ReuseConfig:
     atomic: bool = True
     """:func:`hbmplan.memory` steps restore ``.grad`` if they raise (one gradient-sized buffer
     while gradients accumulate across steps). :func:`reuse_step` alone is never atomic."""
+    # TRL
+    temperature: float = 1.0
+    """Log-probs are ``log_softmax(logits / temperature)``: the distribution a sampler at that
+    temperature drew from, as TRL's trainers score completions (``GRPOConfig.temperature``)."""
+    entropy: bool = False
+    """Also compute each response token's entropy of that distribution (no gradient) into
+    ``StepStats.token_entropy`` (TRL logs its mean)."""
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTIONS:
@@ -153,6 +160,11 @@ class ReuseConfig:
             raise TypeError(f"rates must be an hbmplan Rates, got {type(self.rates).__name__}")
         _check_bool("check_finite", self.check_finite)
         _check_bool("atomic", self.atomic)
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
+            raise ValueError(f"temperature must be a finite number > 0, got {t!r}")
+        object.__setattr__(self, "temperature", float(t))
+        _check_bool("entropy", self.entropy)
 
     @property
     def offloads(self) -> bool:

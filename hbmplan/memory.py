@@ -198,6 +198,8 @@ def memory(
     router_loss: RouterLossMode = "per-trajectory",
     attention: Attention = "auto",
     deterministic: bool = False,
+    temperature: float = 1.0,
+    entropy: bool = False,
     participants: Sequence[Participant] = (),
 ) -> MemoryContext:
     """Wrap ``model`` for reuse-schedule training.
@@ -205,7 +207,7 @@ def memory(
     Args:
         model: a Hugging Face causal LM of a supported family or an hbmplan ``ReferenceDecoder``.
         hbm_budget, offload, tokens_per_microbatch, atomic, check_finite, grad_cache_dtype,
-            rates, router_loss, attention, deterministic: the steps' options, validated here
+            rates, router_loss, attention, deterministic, temperature, entropy: the steps' options, validated here
             into one :class:`hbmplan.ReuseConfig` (each documented there): the activation
             budget ("80GiB"), whether dormant prompt activations are offloaded ("auto", "off",
             "all"), the default packing budget of response microbatches, whether a failed step
@@ -213,7 +215,8 @@ def memory(
             compute rates, a mixture-of-experts model's router loss ("per-trajectory",
             "global-batch", "off"; see :mod:`hbmplan.schedules.router`), phase B's attention
             ("auto", "triton", "reference", "padded"; see :mod:`hbmplan.schedules.attention`)
-            and a bitwise-reproducible Triton backward.
+            a bitwise-reproducible Triton backward, the log-probs' temperature and per-token
+            entropies in the step's stats.
         participants: more phase-hook participants for every step (see
             :mod:`hbmplan.runtime.participant`).
     """
@@ -221,6 +224,6 @@ def memory(
         tokens_per_microbatch=tokens_per_microbatch, grad_cache_dtype=grad_cache_dtype,
         check_finite=check_finite, router_loss=router_loss, attention=attention,
         deterministic=deterministic, hbm_budget=hbm_budget, offload=offload, rates=rates,
-        atomic=atomic,
+        atomic=atomic, temperature=temperature, entropy=entropy,
     )  # fmt: skip
     return MemoryContext(model, config, participants)

@@ -27,7 +27,10 @@ from tests.helpers import grads_of, pg_loss, random_group, tiny_reference
      (dict(rates=1.0), TypeError, "rates must be an hbmplan Rates, got float"),
      (dict(deterministic=1), TypeError, "deterministic must be a bool, got int"),
      (dict(check_finite="yes"), TypeError, "check_finite must be a bool, got str"),
-     (dict(atomic=None), TypeError, "atomic must be a bool, got NoneType")],
+     (dict(atomic=None), TypeError, "atomic must be a bool, got NoneType"),
+     (dict(temperature=0.0), ValueError, "temperature must be a finite number > 0, got 0.0"),
+     (dict(temperature="hot"), ValueError, "temperature must be a finite number > 0"),
+     (dict(entropy=1), TypeError, "entropy must be a bool, got int")],
 )  # fmt: skip
 def test_every_field_is_checked(kw, exc, match):
     with pytest.raises(exc, match=match):
@@ -47,7 +50,7 @@ def test_config_is_frozen_and_normalised():
     fields = {f.name: f for f in dataclasses.fields(ReuseConfig)}
     assert set(fields) == {
         "tokens_per_microbatch", "grad_cache_dtype", "check_finite", "router_loss", "attention",
-        "deterministic", "hbm_budget", "offload", "rates", "atomic",
+        "deterministic", "hbm_budget", "offload", "rates", "atomic", "temperature", "entropy",
     }  # fmt: skip
 
 

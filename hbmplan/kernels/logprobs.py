@@ -86,26 +86,38 @@ def token_logprobs_ref(
     bias: torch.Tensor | None,
     targets: torch.Tensor,
     dtype: torch.dtype,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
-    """The plain formula: ``log_softmax(linear(hidden).to(dtype)).gather(targets)``; [N]."""
-    logp = F.linear(hidden, weight, bias).to(dtype).log_softmax(-1)
+    """The plain formula: ``log_softmax(linear(hidden).to(dtype) / temperature).gather(targets)``;
+    [N]."""
+    logp = (F.linear(hidden, weight, bias).to(dtype) / temperature).log_softmax(-1)
     return logp.gather(-1, targets[:, None]).squeeze(-1)
+
+
+def _scaled(logits: torch.Tensor, inv_t: float) -> torch.Tensor:
+    """``logits / temperature`` in place (the chunk's own buffer); nothing at temperature 1."""
+    return logits if inv_t == 1.0 else logits.mul_(inv_t)
 
 
 class _ChunkedLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk, dtype):
+    def forward(ctx, hidden, weight, bias, targets, chunk, dtype, temperature, entropy):
         n = hidden.shape[0]
+        inv_t = 1.0 / temperature
         out = torch.empty(n, dtype=dtype, device=hidden.device)
         lse = torch.empty(n, dtype=dtype, device=hidden.device)
         for lo in range(0, n, chunk):
             hi = min(lo + chunk, n)
-            logits = F.linear(hidden[lo:hi], weight, bias).to(dtype)
+            logits = _scaled(F.linear(hidden[lo:hi], weight, bias).to(dtype), inv_t)
             lse[lo:hi] = logits.logsumexp(-1)
             out[lo:hi] = logits.gather(-1, targets[lo:hi, None]).squeeze(-1) - lse[lo:hi]
+            if entropy is not None:  # H = lse - sum(p * logits), no gradient
+                p = (logits - lse[lo:hi, None]).exp_()
+                entropy[lo:hi] = lse[lo:hi] - (p * logits).sum(-1)
+                del p
             del logits  # before the next chunk's
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.inv_t = chunk, inv_t
         return out
 
     @staticmethod
@@ -123,10 +135,11 @@ class _ChunkedLogProbs(torch.autograd.Function):
             g = grad[lo:hi, None]
             # d logsoftmax: onehot(target) g - softmax g, in place on the chunk's logits (one
             # [rows, V] buffer in the log-softmax dtype), then back to the weight's dtype
-            dlogits = F.linear(hidden[lo:hi], weight, bias).to(lse.dtype)
+            # (and the chain rule of logits / temperature: one more factor 1 / temperature)
+            dlogits = _scaled(F.linear(hidden[lo:hi], weight, bias).to(lse.dtype), ctx.inv_t)
             dlogits.sub_(lse[lo:hi, None]).exp_().mul_(-g)
             dlogits.scatter_add_(-1, targets[lo:hi, None], g)
-            dlogits = dlogits.to(weight.dtype)
+            dlogits = _scaled(dlogits, ctx.inv_t).to(weight.dtype)
             if need_h:
                 dh[lo:hi] = dlogits @ weight
             if need_w:
@@ -141,6 +154,8 @@ class _ChunkedLogProbs(torch.autograd.Function):
             None,
             None,
             None,
+            None,
+            None,
         )
 
 
@@ -151,6 +166,8 @@ def chunked_token_logprobs(
     targets: torch.Tensor,
     chunk: int,
     dtype: torch.dtype = torch.float32,
+    temperature: float = 1.0,
+    entropy: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`token_logprobs_ref` computed ``chunk`` rows at a time.
 
@@ -160,6 +177,10 @@ def chunked_token_logprobs(
         targets: [N] int64 target token ids.
         chunk: rows per chunk (>= 1).
         dtype: the log-softmax dtype (fp32; fp64 for an fp64 model).
+        temperature: the logits are divided by it before the log-softmax (TRL's sampling
+            temperature; > 0).
+        entropy: an [N] ``dtype`` tensor to fill with each token's entropy of the
+            temperature-scaled distribution (no gradient), or ``None``.
 
     Returns:
         [N] log-probs in ``dtype``, differentiable in hidden, weight and bias. Held for backward:
@@ -174,4 +195,11 @@ def chunked_token_logprobs(
         )
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"targets must be [N] = [{hidden.shape[0]}], got {tuple(targets.shape)}")
-    return _ChunkedLogProbs.apply(hidden, weight, bias, targets, chunk, dtype)
+    if entropy is not None and (entropy.shape != targets.shape or entropy.dtype != dtype):
+        raise ValueError(
+            f"entropy must be a {dtype} tensor of shape {tuple(targets.shape)}, got "
+            f"{entropy.dtype} {tuple(entropy.shape)}"
+        )
+    return _ChunkedLogProbs.apply(
+        hidden, weight, bias, targets, chunk, dtype, float(temperature), entropy
+    )

@@ -77,6 +77,10 @@ class StepStats:
     """The router loss and per-expert token counts (MoE models with a router loss on)."""
     offload: Any = None
     """:class:`hbmplan.runtime.offload.OffloadReport` when the step planned offload."""
+    token_entropy: list[list[torch.Tensor | None]] | None = None
+    """With ``ReuseConfig(entropy=True)``: per group of the step, per response, the entropy
+    [S_i] of each token's temperature-scaled next-token distribution (detached, the log-probs'
+    dtype); ``None`` otherwise."""
 
     def record_peak(self, phase: str, nbytes: int) -> None:
         """Raise phase ``phase``'s peak to ``nbytes`` if it is higher (held-tensor metering)."""

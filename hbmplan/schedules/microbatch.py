@@ -102,6 +102,8 @@ def response_logprobs(
     hidden: torch.Tensor,
     starts: Sequence[int],
     targets: Sequence[torch.Tensor],
+    temperature: float = 1.0,
+    entropy: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """Per-token log-probs of each row's response.
 
@@ -109,6 +111,7 @@ def response_logprobs(
         hidden: [B, T, h] final hidden states of the microbatch rows.
         starts: for row b, the index in the row whose hidden state predicts ``targets[b][0]``.
         targets: row b's response token ids [S_b].
+        temperature, entropy: as in :func:`token_logprobs`.
 
     Returns:
         One tensor [S_b] per row, float32 (float64 for a float64 model), differentiable. The LM
@@ -117,7 +120,7 @@ def response_logprobs(
     picked = torch.cat(
         [hidden[b, s : s + t.numel()] for b, (s, t) in enumerate(zip(starts, targets, strict=True))]
     )
-    return token_logprobs(adapter, picked, targets)
+    return token_logprobs(adapter, picked, targets, temperature, entropy)
 
 
 def _plain_linear(head: object) -> bool:
@@ -147,7 +150,11 @@ def logprob_working_bytes(adapter: CausalLMAdapter, n_tokens: int, dtype: torch.
 
 
 def token_logprobs(
-    adapter: CausalLMAdapter, picked: torch.Tensor, targets: Sequence[torch.Tensor]
+    adapter: CausalLMAdapter,
+    picked: torch.Tensor,
+    targets: Sequence[torch.Tensor],
+    temperature: float = 1.0,
+    entropy: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """Per-token log-probs of ``targets`` from the hidden states that predict them.
 
@@ -155,6 +162,10 @@ def token_logprobs(
         picked: [N, h], N the total target tokens: row after row, each state predicting the
             next target (a packed microbatch's states are exactly this).
         targets: row b's response token ids [S_b].
+        temperature: the logits are divided by it before the log-softmax (as TRL scores the
+            tokens it sampled at that temperature).
+        entropy: a list to append each row's per-token entropy [S_b] of the temperature-scaled
+            distribution to (detached, the log-probs' dtype), or ``None``.
 
     Returns:
         One tensor [S_b] per row, float32 (float64 for a float64 model), differentiable. When
@@ -171,12 +182,22 @@ def token_logprobs(
         # chunks when they need less memory: nothing [N, V] kept
         V, h = head.weight.shape
         chunk = chunk_rows(picked.shape[0], V, h, picked.dtype.itemsize, dtype.itemsize)
+    lengths = [t.numel() for t in targets]
     if chunk is None:
-        logp = adapter.logits(picked).to(dtype).log_softmax(-1)
+        logp = (adapter.logits(picked).to(dtype) / temperature).log_softmax(-1)
         token_logp = logp.gather(-1, tok[:, None]).squeeze(-1)
+        if entropy is not None:
+            with torch.no_grad():
+                h = -(logp.exp() * logp).sum(-1)
+            entropy.extend(h.split(lengths))
     else:
-        token_logp = chunked_token_logprobs(picked, head.weight, head.bias, tok, chunk, dtype)
-    return list(token_logp.split([t.numel() for t in targets]))
+        h = torch.empty_like(tok, dtype=dtype) if entropy is not None else None
+        token_logp = chunked_token_logprobs(
+            picked, head.weight, head.bias, tok, chunk, dtype, temperature, h
+        )
+        if entropy is not None:
+            entropy.extend(h.split(lengths))
+    return list(token_logp.split(lengths))
 
 
 def microbatch_loss(

@@ -122,6 +122,8 @@ def phase_b(
         return torch.zeros((), device=step.device)
     logits: list[torch.Tensor] = []
     routed = {"router_logits": logits} if router is not None else {}
+    temperature = step.config.temperature
+    entropy: list[torch.Tensor] | None = [] if step.config.entropy else None
     seqs = [torch.cat([group.prompt[-1:], t[:-1]]) for t in ctx.targets]
     lengths = [t.numel() for t in ctx.targets]
     if attention.packed:
@@ -130,13 +132,18 @@ def phase_b(
         cu = cu_seqlens_for(lengths, step.device if attention.impl == "triton" else "cpu")
         kv = prompt.cache.packed(cu, max(lengths), attention.impl, step.config.deterministic)
         hidden = adapter.response_hidden(ids, pos, kv, **routed)
-        logprobs = token_logprobs(adapter, hidden[0], ctx.targets)
+        logprobs = token_logprobs(adapter, hidden[0], ctx.targets, temperature, entropy)
         logits[:] = [unpack_rows(t, lengths) for t in logits]  # router logits as padded rows
     else:
         ids, pos = padded_rows(seqs, group.prompt_len - 1)
         hidden = adapter.response_hidden(ids, pos, prompt.cache.views(), **routed)
-        logprobs = response_logprobs(adapter, hidden, [0] * len(seqs), ctx.targets)
+        logprobs = response_logprobs(
+            adapter, hidden, [0] * len(seqs), ctx.targets, temperature, entropy
+        )
     indices = ctx.microbatch.indices
+    if entropy is not None:
+        for i, h in zip(indices, entropy, strict=True):
+            step.stats.token_entropy[ctx.group.index][i] = h
     loss = microbatch_loss(loss_fn, logprobs, group, indices, step.config.check_finite)
     if router is not None:  # each trajectory: prompt sums + its row's
         loss = loss + router(
