@@ -21,8 +21,8 @@ import torch
 from hbmplan.group import Group
 
 __all__ = [
-    "WEIGHT",
     "BATCH",
+    "WEIGHT",
     "GroupedRows",
     "group_rows",
     "regroup",
