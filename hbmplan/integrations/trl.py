@@ -30,7 +30,13 @@ import logging
 from typing import Any
 
 import torch
-import trl
+
+try:
+    import trl
+except ImportError as exc:  # the extra is not installed
+    raise ImportError(
+        "hbmplan.integrations.trl needs TRL 1.16: pip install 'hbmplan[trl]' (or 'trl>=1.16,<1.17')"
+    ) from exc
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import shuffle_sequence_dict

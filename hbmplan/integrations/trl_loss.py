@@ -50,7 +50,7 @@ class Row:
     is_ratio: torch.Tensor | None = None
     """vLLM importance-sampling ratio, [S] or [1]."""
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Filled by :meth:`Objective.loss`: detached per-token values for the metrics."""
+    """Filled by :meth:`loss`: detached per-token values for the metrics."""
 
     def loss(self, logp: torch.Tensor, objective: Objective) -> torch.Tensor:
         """``weight * sum_t mask_t * loss_t`` for log-probs ``logp`` [S] (differentiable)."""
