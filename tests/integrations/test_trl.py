@@ -248,3 +248,20 @@ def test_no_grad_log_probs_equal_trls(tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_h, want_h, rtol=1e-5, atol=1e-5)
     assert (got[x["completion_mask"] == 0] == 0).all()
+
+
+def test_models_it_cannot_train_exactly_are_refused(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    moe = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        vocab_size=48, hidden_size=16, intermediate_size=16, moe_intermediate_size=8,
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+        num_experts=4, num_experts_per_tok=2, output_router_logits=True,
+        router_aux_loss_coef=0.01))  # fmt: skip
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=48, n_embd=16, n_layer=1, n_head=2))
+    for model, match in [(moe, r"router loss .*\(router_aux_loss_coef=0.01\)"),
+                         (gpt2, "unsupported Hugging Face model_type 'gpt2'")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            ReuseGRPOTrainer(model, reward_w3, config(tmp_path),
+                             train_dataset=Dataset.from_dict({"prompt": prompts(4)}),
+                             processing_class=tiny_tokenizer())  # fmt: skip
