@@ -3,9 +3,11 @@
 Both trainers train the same random Qwen3 on one prompt group per step (a shared prompt of P
 tokens, G completions of S tokens each, fixed so that both see identical batches; generation is
 patched out, so the step is the training step), without gradient checkpointing on either side,
-``beta=0`` and ``num_iterations=1`` (no scoring passes). Steps alternate between the trainers in
-repeated short runs; the first step of each run is dropped. Prints per P the median step time of
-each, their ratio and the FLOP-ideal speedup of those shapes
+``beta=0`` and ``num_iterations=1`` (no scoring passes). Short runs alternate between the
+trainers; the first step of each run is dropped. Prints per P the median and the minimum step
+time of each, the ratios of both (the minimum is the steadier one on a shared machine: a step
+can only be slowed by other load), a loud warning when the spread exceeds 15%, and the
+FLOP-ideal speedup of those shapes
 (:func:`hbmplan.capacity.flops.flop_ideal_speedup`), and writes
 ``benchmarks/results/trl_<card>_<date>.md``.
 
@@ -38,6 +40,7 @@ from tools.harness import (
     card_name,
     machine_line,
     markdown_table,
+    warn,
     write_results,
 )
 
@@ -116,8 +119,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=3, help="steps per run (first dropped)")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per trainer, alternating")
+    parser.add_argument("--steps", type=int, default=2, help="steps per run (first dropped)")
+    parser.add_argument("--repeats", type=int, default=4, help="runs per trainer, alternating")
     add_threads_arg(parser)
     args = parser.parse_args()
     logging.getLogger("hbmplan").setLevel(logging.ERROR)
@@ -142,22 +145,31 @@ def main() -> None:
                     cls, model, data, tok, args, args.steps, "/tmp/hbmplan_bench_trl", dtype
                 )
         trl_s, reuse_s = statistics.median(times["trl"]), statistics.median(times["reuse"])
+        trl_min, reuse_min = min(times["trl"]), min(times["reuse"])
         ideal = flop_ideal_speedup(model_spec(model), P, [args.response] * args.generations)
-        ratio = trl_s / reuse_s
-        print(f"P={P}: TRL {trl_s * 1e3:.0f} ms/step, reuse {reuse_s * 1e3:.0f} ms/step, "
-              f"ratio {ratio:.2f}x, FLOP-ideal {ideal:.2f}x ({ratio / ideal:.0%}); "
+        ratio, ratio_min = trl_s / reuse_s, trl_min / reuse_min
+        for name, ts in times.items():
+            spread = (max(ts) - min(ts)) / statistics.median(ts)
+            if spread > 0.15:
+                warn(f"P={P} {name}: step times spread {spread:.0%} ({machine_line()}): "
+                     "something else is using the CPUs")  # fmt: skip
+        print(f"P={P}: TRL {trl_s * 1e3:.0f} ms/step (min {trl_min * 1e3:.0f}), reuse "
+              f"{reuse_s * 1e3:.0f} ms/step (min {reuse_min * 1e3:.0f}), ratio {ratio:.2f}x "
+              f"(of minima {ratio_min:.2f}x), FLOP-ideal {ideal:.2f}x; "
               f"{time.perf_counter() - start:.0f} s")  # fmt: skip
         rows.append(dict(P=P, S=args.response, G=args.generations, trl_s=trl_s,
-                         reuse_s=reuse_s, ratio=ratio, flop_ideal=ideal,
-                         trl_times=times["trl"], reuse_times=times["reuse"]))  # fmt: skip
+                         reuse_s=reuse_s, ratio=ratio, ratio_of_minima=ratio_min,
+                         flop_ideal=ideal, trl_times=times["trl"],
+                         reuse_times=times["reuse"]))  # fmt: skip
         table.append([P, args.response, args.generations, f"{trl_s * 1e3:.0f}",
-                      f"{reuse_s * 1e3:.0f}", f"{ratio:.2f}x", f"{ideal:.2f}x",
-                      f"{ratio / ideal:.0%}"])  # fmt: skip
-    header = ["P", "S", "G", "TRL ms/step", "reuse ms/step", "ratio", "FLOP-ideal", "of ideal"]
+                      f"{reuse_s * 1e3:.0f}", f"{ratio:.2f}x", f"{ratio_min:.2f}x",
+                      f"{ideal:.2f}x", f"{ratio_min / ideal:.0%}"])  # fmt: skip
+    header = ["P", "S", "G", "TRL ms/step (median)", "reuse ms/step (median)", "ratio",
+              "ratio of minima", "FLOP-ideal", "minima, of ideal"]  # fmt: skip
     md = markdown_table(header, table)
     model_line = (
         f"Qwen3 random init: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, "
-        f"{dtype}; {machine_line()}"
+        f"{dtype}; {machine_line()} (at the end)"
     )
     path = write_results("trl", device, " ".join(sys.argv), f"{model_line}\n\n{md}", rows)
     print(md)

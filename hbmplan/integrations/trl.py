@@ -41,6 +41,8 @@ from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import shuffle_sequence_dict
 
+from hbmplan.capacity.flops import dense_flops, reuse_flops
+from hbmplan.capacity.presets import model_spec
 from hbmplan.config import ReuseConfig
 from hbmplan.integrations.trl_batches import (
     BATCH,
@@ -106,9 +108,14 @@ class ReuseGRPOTrainer(GRPOTrainer):
                 f"reuse_config must be an hbmplan ReuseConfig, got {type(reuse_config).__name__}"
             )
         check_args(args)
-        checkpointing = bool(args.activation_checkpointing or args.gradient_checkpointing)
+        # transformers >= 5.19 names it activation_checkpointing, gradient_checkpointing an alias
+        checkpointing = bool(
+            getattr(args, "activation_checkpointing", False) or args.gradient_checkpointing
+        )
         if checkpointing:  # before TRL and Trainer act on it
-            args.activation_checkpointing = args.gradient_checkpointing = False
+            if hasattr(args, "activation_checkpointing"):
+                args.activation_checkpointing = False
+            args.gradient_checkpointing = False
         super().__init__(model, reward_funcs, args, *rest, **kwargs)
         if self._is_vlm:
             raise ValueError("ReuseGRPOTrainer trains text-only causal LMs, got a vision model")
@@ -121,7 +128,10 @@ class ReuseGRPOTrainer(GRPOTrainer):
         adapt(self.model)  # an unsupported family fails here, naming the supported ones
         if checkpointing:
             model_ = self.accelerator.unwrap_model(self.model)
-            if getattr(model_, "is_gradient_checkpointing", False):
+            if hasattr(model_, "is_activation_checkpointing"):  # transformers >= 5.19
+                if model_.is_activation_checkpointing:
+                    model_.activation_checkpointing_disable()
+            elif getattr(model_, "is_gradient_checkpointing", False):
                 model_.gradient_checkpointing_disable()
             logger.warning(
                 "ReuseGRPOTrainer: gradient_checkpointing=True (GRPOConfig's default) is replaced "
@@ -149,6 +159,7 @@ class ReuseGRPOTrainer(GRPOTrainer):
             delta=args.delta,
             bias_correction_kl=bool(args.use_bias_correction_kl),
         )
+        self._spec = model_spec(self.accelerator.unwrap_model(self.model).config)
         self._memory: MemoryContext | None = None
         self._window: MetricWindow | None = None
         self.add_callback(_CloseMemory(self))
@@ -308,8 +319,14 @@ class ReuseGRPOTrainer(GRPOTrainer):
         prompt = sum(g.prompt_len - 1 for g in grouped.groups)
         rows = sum(g.prompt_len - 1 + sum(r.numel() for r in g.responses) for g in grouped.groups)
         dense = sum(g.prompt_len + r.numel() - 1 for g in grouped.groups for r in g.responses)
+        lens = [[r.numel() for r in g.responses] for g in grouped.groups]
+        flops = [(dense_flops(self._spec, g.prompt_len, n), reuse_flops(self._spec, g.prompt_len, n))
+                 for g, n in zip(grouped.groups, lens, strict=True)]  # fmt: skip
         metrics["hbmplan/prompt_tokens"].append(float(prompt))
         metrics["hbmplan/token_ratio"].append(dense / max(rows, 1))
+        metrics["hbmplan/flop_ideal_speedup"].append(
+            sum(d for d, _ in flops) / max(sum(r for _, r in flops), 1)
+        )
         for name, phase in stats.phases.items():
             metrics[f"hbmplan/peak_MiB_{name}"].append(phase.peak_bytes / _MiB)
         off = stats.offload
