@@ -267,3 +267,29 @@ def test_models_it_cannot_train_exactly_are_refused(tmp_path):
             ReuseGRPOTrainer(model, reward_w3, config(tmp_path),
                              train_dataset=Dataset.from_dict({"prompt": prompts(4)}),
                              processing_class=tiny_tokenizer())  # fmt: skip
+
+
+def test_offloaded_prompt_activations_train_the_same(model_dir, tmp_path):
+    """A ReuseConfig asking for offload: the update is unchanged, the bytes are logged."""
+    from hbmplan import ReuseConfig
+
+    args = config(tmp_path, max_steps=1, logging_steps=1)
+    want, _, _ = train(TRL, saved_qwen3(model_dir), args)
+    got, logs, _ = train(Reuse, saved_qwen3(model_dir), args,
+                         reuse_config=ReuseConfig(offload="all"))  # fmt: skip
+    assert rel_diff(got[0], want[0]) <= 1e-5
+    assert logs[0]["hbmplan/offloaded_MiB"] > 0
+
+
+def test_evaluation_loss_equals_trls(model_dir, tmp_path):
+    """Evaluation runs TRL's loss on the no-grad log-probs of the prompt-once pass."""
+    losses = []
+    for cls in (TRL, Reuse):
+        args = config(tmp_path, per_device_eval_batch_size=4, num_generations_eval=4)
+        trainer = cls(saved_qwen3(model_dir), reward_w3, args,
+                      train_dataset=Dataset.from_dict({"prompt": prompts(4)}),
+                      eval_dataset=Dataset.from_dict({"prompt": prompts(4, seed=1)}),
+                      processing_class=tiny_tokenizer())  # fmt: skip
+        losses.append(trainer.evaluate())
+    assert losses[1]["eval_loss"] == pytest.approx(losses[0]["eval_loss"], rel=1e-5, abs=1e-7)
+    assert losses[1]["eval_entropy"] == pytest.approx(losses[0]["eval_entropy"], rel=1e-5)
