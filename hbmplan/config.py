@@ -131,6 +131,14 @@ class ReuseConfig:
     atomic: bool = True
     """:func:`hbmplan.memory` steps restore ``.grad`` if they raise (one gradient-sized buffer
     while gradients accumulate across steps). :func:`reuse_step` alone is never atomic."""
+    # token filtering
+    skip_inert: bool = True
+    """Exact skipping: leave out what the loss declares carries no gradient (``loss_fn.inert``
+    responses, all-inert groups, tails past ``loss_fn.loss_extent``). Gradients are unchanged;
+    never with a MoE router loss on. See :mod:`hbmplan.schedules.skipping`."""
+    check_skips: bool = False
+    """Debug mode: skip nothing, and raise ``ValueError`` where the loss declared a response
+    inert or a tail weightless but its gradient with respect to those log-probs is not zero."""
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTIONS:
@@ -153,6 +161,8 @@ class ReuseConfig:
             raise TypeError(f"rates must be an hbmplan Rates, got {type(self.rates).__name__}")
         _check_bool("check_finite", self.check_finite)
         _check_bool("atomic", self.atomic)
+        _check_bool("skip_inert", self.skip_inert)
+        _check_bool("check_skips", self.check_skips)
 
     @property
     def offloads(self) -> bool:

@@ -7,6 +7,7 @@ measurements ``report()`` prints. The model is never edited; what the block touc
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,6 +15,8 @@ import torch
 from torch import nn
 
 from hbmplan.atomic import GradStash
+from hbmplan.capacity.flops import skipped_flops
+from hbmplan.capacity.presets import model_spec
 from hbmplan.config import Attention, OffloadMode, ReuseConfig, RouterLossMode, parse_bytes
 from hbmplan.group import Group
 from hbmplan.models.adapter import CausalLMAdapter, adapt, model_device
@@ -74,6 +77,15 @@ class Report:
             lines.append(f"plan predicted from the last capture, rescaled ({how})")
         if off is not None and off.plan is not None:
             lines.append(str(off.plan))
+        k = s.skipped
+        if k.responses or k.tokens:
+            flops = f", {k.flops_saved / 1e9:.3g} GFLOP saved" if k.flops_saved is not None else ""
+            lines.append(
+                f"skipped (exact): {k.responses} inert response(s), {k.groups} whole group(s), "
+                f"{k.tokens} response token(s){flops}"
+            )
+        if s.filtered_tokens:
+            lines.append(f"filtered (approximate): {s.filtered_tokens} response token(s)")
         if s.router is not None:
             lines += _router_lines(s.router)
         if self.failed_steps:
@@ -176,6 +188,12 @@ class MemoryContext:
             raise
         if stash is not None:
             stash.merge()
+        if stats.skipped.shapes:
+            try:
+                flops = skipped_flops(model_spec(self.model), stats.skipped.shapes)
+            except (TypeError, ValueError):  # a model whose shape the FLOP model cannot read
+                flops = None
+            stats.skipped = dataclasses.replace(stats.skipped, flops_saved=flops)
         self._report.steps += 1
         self._report.last = stats
         return stats
@@ -199,6 +217,8 @@ def memory(
     attention: Attention = "auto",
     deterministic: bool = False,
     participants: Sequence[Participant] = (),
+    skip_inert: bool = True,
+    check_skips: bool = False,
 ) -> MemoryContext:
     """Wrap ``model`` for reuse-schedule training.
 
@@ -214,6 +234,8 @@ def memory(
             "global-batch", "off"; see :mod:`hbmplan.schedules.router`), phase B's attention
             ("auto", "triton", "reference", "padded"; see :mod:`hbmplan.schedules.attention`)
             and a bitwise-reproducible Triton backward.
+        skip_inert, check_skips: exact skipping of what the loss declares carries no gradient,
+            and its debug check (see :mod:`hbmplan.schedules.skipping`).
         participants: more phase-hook participants for every step (see
             :mod:`hbmplan.runtime.participant`).
     """
@@ -221,6 +243,6 @@ def memory(
         tokens_per_microbatch=tokens_per_microbatch, grad_cache_dtype=grad_cache_dtype,
         check_finite=check_finite, router_loss=router_loss, attention=attention,
         deterministic=deterministic, hbm_budget=hbm_budget, offload=offload, rates=rates,
-        atomic=atomic,
+        atomic=atomic, skip_inert=skip_inert, check_skips=check_skips,
     )  # fmt: skip
     return MemoryContext(model, config, participants)

@@ -26,6 +26,7 @@ from hbmplan.schedules.microbatch import (
     response_logprobs,
 )
 from hbmplan.schedules.router import RouterLoss, count_dense, resolve_router_loss, routing_sums
+from hbmplan.schedules.skipping import declared_extents, skip_stats
 
 __all__ = ["dense_step"]
 
@@ -38,6 +39,8 @@ def dense_step(
     *,
     check_finite: bool = False,
     router_loss: RouterLossMode = "per-trajectory",
+    skip_inert: bool = True,
+    check_skips: bool = False,
 ) -> StepStats:
     """One step of the dense trainer; gradients accumulate into ``.grad``.
 
@@ -50,6 +53,9 @@ def dense_step(
     trajectory's ``coef * aux`` computed over its own tokens (padding excluded: the loss of the
     trajectory as its own forward), "global-batch" one loss over all tokens of the step (after a
     counting pass over the same microbatches), "off" nothing.
+
+    ``skip_inert`` and ``check_skips`` as on :class:`hbmplan.ReuseConfig`: inert responses and
+    masked tails the loss declares are not run (:mod:`hbmplan.schedules.skipping`).
     """
     adapter = adapt(model)
     check_tokens_per_microbatch(tokens_per_microbatch)
@@ -57,6 +63,12 @@ def dense_step(
     validate_groups(groups, adapter.vocab_size, adapter.max_positions, model_device(adapter))
     device = groups[0].prompt.device
     stats = StepStats("dense", groups=len(groups), trajectories=sum(g.group_size for g in groups))
+    extents = None
+    if spec is None and (skip_inert or check_skips):
+        extents = declared_extents(loss_fn, groups)
+    skipping = extents is not None and skip_inert and not check_skips
+    if skipping:
+        stats.skipped = skip_stats(groups, extents)
     clock = PhaseClock(stats, device)
     exclude = [*adapter.model.parameters(), *adapter.model.buffers()]
     total = torch.zeros((), device=device)
@@ -68,11 +80,15 @@ def dense_step(
             with clock.phase("count"):
                 router.set_global(*count_dense(adapter, spec, groups, tokens_per_microbatch))
         with clock.phase("dense"), nvtx_range("hbmplan.dense.dense"):
-            for group in groups:
+            for g, group in enumerate(groups):
                 P = group.prompt_len
-                lengths = [group.trajectory_len(i) for i in range(group.group_size)]
-                for indices in pack_rows(lengths, tokens_per_microbatch):
-                    targets = [group.responses[i] for i in indices]
+                run = extents[g] if skipping else group.response_lens
+                declared = extents[g] if check_skips and extents is not None else ()
+                order = [i for i in range(group.group_size) if run[i] > 0]
+                lengths = [P + run[i] - 1 for i in order]
+                for positions in pack_rows(lengths, tokens_per_microbatch):
+                    indices = [order[j] for j in positions]
+                    targets = [group.responses[i][: run[i]] for i in indices]
                     rows = [torch.cat([group.prompt, t[:-1]]) for t in targets]
                     ids, pos = padded_rows(rows, 0)
                     capture = (
@@ -86,9 +102,11 @@ def dense_step(
                             logprobs = response_logprobs(
                                 adapter, hidden, [P - 1] * len(indices), targets
                             )
-                            loss = microbatch_loss(loss_fn, logprobs, group, indices, check_finite)
+                            loss = microbatch_loss(
+                                loss_fn, logprobs, group, indices, check_finite, declared
+                            )
                             if router is not None:
-                                lens = [lengths[i] for i in indices]
+                                lens = [lengths[j] for j in positions]
                                 loss = loss + router(routing_sums(spec, logits, lens))
                         if capture is not None:
                             clock.sample("dense", capture.peak_nbytes)

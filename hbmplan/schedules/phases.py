@@ -137,7 +137,8 @@ def phase_b(
         hidden = adapter.response_hidden(ids, pos, prompt.cache.views(), **routed)
         logprobs = response_logprobs(adapter, hidden, [0] * len(seqs), ctx.targets)
     indices = ctx.microbatch.indices
-    loss = microbatch_loss(loss_fn, logprobs, group, indices, step.config.check_finite)
+    declared = ctx.group.plan.declared if step.config.check_skips else ()
+    loss = microbatch_loss(loss_fn, logprobs, group, indices, step.config.check_finite, declared)
     if router is not None:  # each trajectory: prompt sums + its row's
         loss = loss + router(
             with_prefix(prompt.leaves.views(), routing_sums(router.spec, logits, lengths))
@@ -189,7 +190,10 @@ def run_group(
         b = dataclasses.replace(ctx, phase="B")
         with clock.phase("B"):
             for i, mb in enumerate(plan.microbatches):
-                targets = tuple(plan.group.responses[r] for r in mb.indices)
+                targets = tuple(
+                    plan.group.responses[r][: mb.length(k, plan.group)]
+                    for k, r in enumerate(mb.indices)
+                )
                 mctx = MicrobatchContext(b, i, mb, targets)
                 total = total + phase_b(mctx, parts, prompt, loss_fn, router).to(total.dtype)
                 stats.microbatches += bool(mb.indices)

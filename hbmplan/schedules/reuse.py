@@ -61,6 +61,8 @@ def reuse_step(
     attention: Attention = "auto",
     deterministic: bool = False,
     participants: Sequence[Participant] = (),
+    skip_inert: bool = True,
+    check_skips: bool = False,
 ) -> StepStats:
     """One training step with the reuse schedule; gradients accumulate into ``.grad``.
 
@@ -69,7 +71,7 @@ def reuse_step(
         groups: groups to train; each runs phases A, B and C in turn.
         loss_fn: ``loss_fn(logprobs [S_i], group, i) -> scalar``, summed over responses.
         tokens_per_microbatch, grad_cache_dtype, check_finite, router_loss, attention,
-            deterministic: the step's options, as documented on :class:`hbmplan.ReuseConfig`.
+            deterministic, skip_inert, check_skips: the step's options, as documented on :class:`hbmplan.ReuseConfig`.
         config: the options as one :class:`~hbmplan.ReuseConfig` instead of keywords (giving
             both is a ``TypeError``). A config that asks for offload (``hbm_budget`` or
             ``offload="all"``) plans and offloads for this call alone (:func:`hbmplan.memory`
@@ -83,7 +85,7 @@ def reuse_step(
     keywords = dict(
         tokens_per_microbatch=tokens_per_microbatch, grad_cache_dtype=grad_cache_dtype,
         check_finite=check_finite, router_loss=router_loss, attention=attention,
-        deterministic=deterministic,
+        deterministic=deterministic, skip_inert=skip_inert, check_skips=check_skips,
     )  # fmt: skip
     cfg = config_or_keywords(config, ReuseConfig, keywords, "the step's options")
     adapter = adapt(model)
@@ -111,11 +113,12 @@ def run_step(
     adapter.check_schedulable()
     meter = [ByteMeter()] if groups[0].prompt.device.type != "cuda" else []
     parts = Participants([NvtxRanges(), *participants, *meter])
-    plan = parts.adjust_plan(plan_step(adapter, groups, config))
+    plan = parts.adjust_plan(plan_step(adapter, groups, config, loss_fn, spec is not None))
     device = groups[0].prompt.device
     trajectories = sum(len(mb.indices) for g in plan.groups for mb in g.microbatches)
     stats = StepStats("reuse", groups=len(plan.groups), trajectories=trajectories)
     stats.attention, stats.attention_note = plan.attention.name, plan.attention.why
+    stats.skipped = plan.skipped
     clock = PhaseClock(stats, device)
     router = RouterLoss(spec, config.router_loss) if spec is not None else None
     step = StepContext(
