@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 
 from hbmplan.planner.timeline import Rates
+from hbmplan.token_filter import TokenFilter
 
 __all__ = [
     "ATTENTIONS",
@@ -139,6 +140,10 @@ class ReuseConfig:
     check_skips: bool = False
     """Debug mode: skip nothing, and raise ``ValueError`` where the loss declared a response
     inert or a tail weightless but its gradient with respect to those log-probs is not zero."""
+    token_filter: TokenFilter | None = None
+    """Collider-style filtering (approximate, opt-in): response tokens the filter drops get zero
+    gradient in every layer's backward, and linear layers' gradients come from the kept rows
+    alone (:mod:`hbmplan.schedules.filtering`, docs/filtering.md). Not with a router loss."""
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTIONS:
@@ -163,6 +168,11 @@ class ReuseConfig:
         _check_bool("atomic", self.atomic)
         _check_bool("skip_inert", self.skip_inert)
         _check_bool("check_skips", self.check_skips)
+        if self.token_filter is not None and not isinstance(self.token_filter, TokenFilter):
+            raise TypeError(
+                f"token_filter must be an hbmplan TokenFilter or None, got "
+                f"{type(self.token_filter).__name__}"
+            )
 
     @property
     def offloads(self) -> bool:

@@ -26,6 +26,7 @@ from hbmplan.runtime.stats import RouterStepStats, StepStats
 from hbmplan.schedules.microbatch import LossFn
 from hbmplan.schedules.reuse import run_step
 from hbmplan.schedules.router import resolve_router_loss
+from hbmplan.token_filter import TokenFilter
 
 __all__ = ["MemoryContext", "Report", "memory", "parse_bytes"]
 
@@ -163,6 +164,7 @@ class MemoryContext:
         groups: Sequence[Group],
         loss_fn: LossFn,
         tokens_per_microbatch: int | None = None,
+        token_filter: TokenFilter | None = None,
     ) -> StepStats:
         """Train on ``groups`` with the reuse schedule, like ``loss.backward()``: gradients
         accumulate into ``.grad``. With ``atomic=True`` (the default) a step that raises leaves
@@ -172,12 +174,16 @@ class MemoryContext:
             groups: list of :class:`hbmplan.Group`.
             loss_fn: ``loss_fn(logprobs [S_i], group, i) -> scalar``.
             tokens_per_microbatch: overrides the context's packing budget for this step.
+            token_filter: overrides the context's token filter for this step (``None``: the
+                context's).
         """
         if not self._active:
             raise RuntimeError("step() must run inside `with hbmplan.memory(model) as mem:`")
         config = self.config
         if tokens_per_microbatch is not None:
             config = config.replace(tokens_per_microbatch=tokens_per_microbatch)
+        if token_filter is not None:
+            config = config.replace(token_filter=token_filter)
         stash = GradStash(self.model.parameters()) if config.atomic else None
         try:
             stats = run_step(self.adapter, groups, loss_fn, config, self._participants)
@@ -219,6 +225,7 @@ def memory(
     participants: Sequence[Participant] = (),
     skip_inert: bool = True,
     check_skips: bool = False,
+    token_filter: TokenFilter | None = None,
 ) -> MemoryContext:
     """Wrap ``model`` for reuse-schedule training.
 
@@ -236,6 +243,8 @@ def memory(
             and a bitwise-reproducible Triton backward.
         skip_inert, check_skips: exact skipping of what the loss declares carries no gradient,
             and its debug check (see :mod:`hbmplan.schedules.skipping`).
+        token_filter: Collider-style filtering of response tokens in the backward (approximate,
+            opt-in; see :mod:`hbmplan.token_filter`).
         participants: more phase-hook participants for every step (see
             :mod:`hbmplan.runtime.participant`).
     """
@@ -243,6 +252,6 @@ def memory(
         tokens_per_microbatch=tokens_per_microbatch, grad_cache_dtype=grad_cache_dtype,
         check_finite=check_finite, router_loss=router_loss, attention=attention,
         deterministic=deterministic, hbm_budget=hbm_budget, offload=offload, rates=rates,
-        atomic=atomic, skip_inert=skip_inert, check_skips=check_skips,
+        atomic=atomic, skip_inert=skip_inert, check_skips=check_skips, token_filter=token_filter,
     )  # fmt: skip
     return MemoryContext(model, config, participants)

@@ -18,6 +18,7 @@ from hbmplan.models.adapter import CausalLMAdapter, adapt, model_device
 from hbmplan.runtime.capture import SavedTensorCapture
 from hbmplan.runtime.nvtx import nvtx_range
 from hbmplan.runtime.stats import PhaseClock, StepStats
+from hbmplan.schedules.filtering import check_filter, start_filter
 from hbmplan.schedules.microbatch import (
     LossFn,
     microbatch_loss,
@@ -27,6 +28,7 @@ from hbmplan.schedules.microbatch import (
 )
 from hbmplan.schedules.router import RouterLoss, count_dense, resolve_router_loss, routing_sums
 from hbmplan.schedules.skipping import declared_extents, skip_stats
+from hbmplan.token_filter import TokenFilter
 
 __all__ = ["dense_step"]
 
@@ -41,6 +43,7 @@ def dense_step(
     router_loss: RouterLossMode = "per-trajectory",
     skip_inert: bool = True,
     check_skips: bool = False,
+    token_filter: TokenFilter | None = None,
 ) -> StepStats:
     """One step of the dense trainer; gradients accumulate into ``.grad``.
 
@@ -56,10 +59,13 @@ def dense_step(
 
     ``skip_inert`` and ``check_skips`` as on :class:`hbmplan.ReuseConfig`: inert responses and
     masked tails the loss declares are not run (:mod:`hbmplan.schedules.skipping`).
+    ``token_filter`` as on :class:`hbmplan.ReuseConfig` (:mod:`hbmplan.schedules.filtering`):
+    the prompt positions ``0..P-2`` of every row are never dropped.
     """
     adapter = adapt(model)
     check_tokens_per_microbatch(tokens_per_microbatch)
     spec = resolve_router_loss(router_loss, adapter.router)
+    check_filter(token_filter, spec)
     validate_groups(groups, adapter.vocab_size, adapter.max_positions, model_device(adapter))
     device = groups[0].prompt.device
     stats = StepStats("dense", groups=len(groups), trajectories=sum(g.group_size for g in groups))
@@ -91,6 +97,12 @@ def dense_step(
                     targets = [group.responses[i][: run[i]] for i in indices]
                     rows = [torch.cat([group.prompt, t[:-1]]) for t in targets]
                     ids, pos = padded_rows(rows, 0)
+                    B, T = ids.shape
+                    filt = start_filter(
+                        token_filter, group, indices, [t.numel() for t in targets],
+                        [b * T + P - 1 for b in range(B)], B * T,
+                        always=[(b * T, b * T + P - 1) for b in range(B)],
+                    )  # fmt: skip
                     capture = (
                         SavedTensorCapture(exclude, adapter.layers)
                         if device.type != "cuda"
@@ -98,10 +110,14 @@ def dense_step(
                     )
                     try:
                         with capture.phase("dense") if capture else contextlib.nullcontext():
-                            hidden = adapter.full_hidden(ids, pos, **routed)
+                            with filt.forward() if filt else contextlib.nullcontext():
+                                hidden = adapter.full_hidden(ids, pos, **routed)
                             logprobs = response_logprobs(
                                 adapter, hidden, [P - 1] * len(indices), targets
                             )
+                            if filt is not None:
+                                logprobs = filt.finish(adapter, hidden, logprobs)
+                                stats.filtered_tokens += filt.dropped
                             loss = microbatch_loss(
                                 loss_fn, logprobs, group, indices, check_finite, declared
                             )
