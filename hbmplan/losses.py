@@ -182,7 +182,8 @@ def group_advantages(
 
     Returns:
         [G] advantages, floating point (integer rewards become the default dtype). The std is the
-        unbiased (Bessel-corrected) one, as in GRPO; with G = 1 the advantage is 0.
+        unbiased (Bessel-corrected) one, as in GRPO; with G = 1, or all rewards equal, the
+        advantages are exactly 0.
     """
     if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1 or rewards.numel() == 0:
         shape = (
@@ -193,6 +194,11 @@ def group_advantages(
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     if not rewards.is_floating_point():
         rewards = rewards.to(torch.get_default_dtype())
+    if bool((rewards == rewards[0]).all()):
+        # A tied group has advantage exactly 0 (so exact skipping can leave it out): the mean of
+        # equal floats may round (1 tied group in 3 of float32 uniforms), and the difference,
+        # divided by std + eps with std ~ 1e-8, would be ~1e-2 of noise, not 0.
+        return torch.zeros_like(rewards)
     centred = rewards - rewards.mean()
     if not std_normalise:
         return centred

@@ -218,3 +218,13 @@ def test_policy_loss_declarations():
         g.prompt, g.responses, data={"advantages": torch.tensor([1e-300, 0.0], dtype=torch.float64)}
     )
     assert not loss.inert(tiny, 0) and loss.loss_extent(tiny, 0) == 3
+
+
+def test_tied_rewards_give_exactly_zero_advantages():
+    """Ties are what exact skipping skips: their advantages must be exactly 0, not the mean's
+    rounding divided by std + eps (before the fix: about 1 tied group in 3)."""
+    from hbmplan.losses import group_advantages
+
+    for v in torch.rand(200, generator=torch.Generator().manual_seed(0)).tolist():
+        for G in (3, 7, 16):
+            assert not group_advantages(torch.full((G,), v)).any()
