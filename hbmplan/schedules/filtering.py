@@ -32,7 +32,7 @@ from hbmplan.kernels.filtered_linear import RowKeep, filtered_linear, grad_mask
 from hbmplan.models.adapter import CausalLMAdapter
 from hbmplan.token_filter import FilterImpl, TokenFilter
 
-__all__ = ["MicrobatchFilter", "check_filter", "entropy_of", "start_filter"]
+__all__ = ["MicrobatchFilter", "check_filter", "entropy_of", "filtered_rows", "start_filter"]
 
 _ENTROPY_ROWS = 1024
 
@@ -54,6 +54,15 @@ class _LinearRows(TorchFunctionMode):
                     return filtered_linear(x, weight, bias, self.keep)
                 return grad_mask(F.linear(x, weight, bias), self.keep)
         return func(*args, **kwargs)
+
+
+@contextmanager
+def filtered_rows(keep: RowKeep, impl: FilterImpl = "gather"):
+    """Inside, every ``F.linear`` over ``keep.rows`` token rows that needs a gradient runs with
+    the filtered backward (``impl`` "gather" or the masked "reference"). Set ``keep`` before
+    the backward."""
+    with _LinearRows(keep, impl):
+        yield
 
 
 def entropy_of(adapter: CausalLMAdapter, hidden: torch.Tensor) -> torch.Tensor:
@@ -86,7 +95,7 @@ class MicrobatchFilter:
     @contextmanager
     def forward(self):
         """The decoder's forward over the microbatch's rows runs inside this."""
-        with _LinearRows(self.keep, self.token_filter.impl):
+        with filtered_rows(self.keep, self.token_filter.impl):
             yield
 
     def finish(
