@@ -64,6 +64,7 @@ def parse_args(argv):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--trace", type=Path, default=None, help="a tools/grpo_trace.py record dir")
     ap.add_argument("--steps", type=int, default=None, help="replay only the first N steps")
+    ap.add_argument("--trace-repeats", type=int, default=3, help="timed passes over the trace")
     ap.add_argument("--pass-at", type=float, default=0.2,
                     help="pass/fail rewards: pass when the recorded reward is >= this")  # fmt: skip
     ap.add_argument("--no-write", action="store_true", help="print, write no result files")
@@ -247,50 +248,53 @@ def part_trace(args, device):
         (f"pass/fail (reward >= {args.pass_at:g})", True),
     ]
     for label, binarize in variants:
-        per = {True: [], False: []}
-        counts = dict(responses=0, groups=0, tokens=0, all_responses=0, all_groups=0, all_tokens=0)
-        for rep in range(2):  # the first pass warms up; the second is timed
-            for meta in steps:
-                groups = []
-                for j in meta["groups"]:
-                    g = group_from(trace.tensors, j)
-                    rewards = trace.tensors[f"group/{j}/rewards"]
-                    rewards = (rewards >= args.pass_at).float() if binarize else rewards
-                    g.data = {**g.data, "advantages": group_advantages(rewards)}
-                    groups.append(g)
-                for skip in (True, False) if rep % 2 else (False, True):
-                    with hbmplan.memory(model, skip_inert=skip) as mem:
-                        sync(device)
-                        t0 = time.perf_counter()
+        batches = []
+        for meta in steps:
+            groups = []
+            for j in meta["groups"]:
+                g = group_from(trace.tensors, j)
+                rewards = trace.tensors[f"group/{j}/rewards"]
+                rewards = (rewards >= args.pass_at).float() if binarize else rewards
+                g.data = {**g.data, "advantages": group_advantages(rewards)}
+                groups.append(g)
+            batches.append(groups)
+        totals = {True: [], False: []}
+        counts = dict(responses=0, groups=0, tokens=0)
+        for rep in range(args.trace_repeats + 1):  # the first pass warms up
+            for skip in (True, False) if rep % 2 else (False, True):
+                with hbmplan.memory(model, skip_inert=skip) as mem:
+                    sync(device)
+                    t0 = time.perf_counter()
+                    for groups in batches:
                         stats = mem.step(groups, loss_fn)
-                        sync(device)
-                        dt = time.perf_counter() - t0
-                    model.zero_grad(set_to_none=True)
-                    if rep == 1:
-                        per[skip].append(dt)
-                        if skip:
-                            k = stats.skipped
-                            counts["responses"] += k.responses
-                            counts["groups"] += k.groups
-                            counts["tokens"] += k.tokens
-                            counts["all_responses"] += sum(g.group_size for g in groups)
-                            counts["all_groups"] += len(groups)
-                            counts["all_tokens"] += sum(sum(g.response_lens) for g in groups)
-        on, off = sum(per[True]), sum(per[False])
-        row = dict(rewards=label, steps=len(steps), **counts, seconds_skip=on, seconds_noskip=off)
+                        model.zero_grad(set_to_none=True)
+                        if rep == 0 and skip:
+                            counts["responses"] += stats.skipped.responses
+                            counts["groups"] += stats.skipped.groups
+                            counts["tokens"] += stats.skipped.tokens
+                    sync(device)
+                if rep:
+                    totals[skip].append(time.perf_counter() - t0)
+        n_resp = sum(g.group_size for b in batches for g in b)
+        n_groups = sum(len(b) for b in batches)
+        n_tokens = sum(sum(g.response_lens) for b in batches for g in b)
+        on, off = statistics.median(totals[True]), statistics.median(totals[False])
+        row = dict(rewards=label, steps=len(steps), **counts, all_responses=n_resp,
+                   all_groups=n_groups, all_tokens=n_tokens, seconds_skip=totals[True],
+                   seconds_noskip=totals[False])  # fmt: skip
         out_rows.append(row)
         table.append([label, len(steps),
-                      f"{counts['responses']}/{counts['all_responses']} ({counts['responses'] / counts['all_responses']:.0%})",
-                      f"{counts['groups']}/{counts['all_groups']} ({counts['groups'] / counts['all_groups']:.0%})",
-                      f"{counts['tokens'] / counts['all_tokens']:.0%}",
+                      f"{counts['responses']}/{n_resp} ({counts['responses'] / n_resp:.0%})",
+                      f"{counts['groups']}/{n_groups} ({counts['groups'] / n_groups:.0%})",
+                      f"{counts['tokens'] / n_tokens:.0%}",
                       f"{on:.2f} s vs {off:.2f} s ({on / off - 1:+.0%})"])  # fmt: skip
     header = ["rewards", "steps", "responses skipped", "groups skipped", "response tokens",
               "step time, skip on vs off"]  # fmt: skip
     m = trace.meta["model"]
     intro = (f"Trace {args.trace} (model {m}, group {trace.train.group}, prompt "
              f"{trace.task.prompt_len} tokens, each batch trained {trace.train.updates_per_batch}x); "
-             "each step's groups stepped once with exact skipping on and once off, from the "
-             "trace's init, fp32, after one warm-up pass.")  # fmt: skip
+             f"all steps' groups stepped with exact skipping on and off, interleaved, from the "
+             f"trace's init, fp32; median of {args.trace_repeats} passes after a warm-up.")  # fmt: skip
     return intro + "\n\n" + markdown_table(header, table), out_rows
 
 

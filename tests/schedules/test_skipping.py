@@ -57,6 +57,11 @@ def same(a, b):
     return True
 
 
+TAILS_FP64 = 2e-15
+"""Packing or a dropped tail changes GEMM shapes: fp64 agreement, not bitwise. The issue asks
+<= 1e-15; the worst of 12 random draws x 4 paths measured 8.3e-16 (max over parameters of
+max|a - b| / max|b|); 2x that bound keeps an unlucky draw from flaking."""
+
 groups_st = st.lists(
     st.tuples(
         st.integers(2, 12),  # P
@@ -106,11 +111,11 @@ def test_tails_and_packing_fp64(spec, tails):
         on, _ = reuse_grads(model, groups, loss, **kw)
         off, _ = reuse_grads(model, groups, loss, skip_inert=False, **kw)
         if on or off:
-            assert max_rel_diff(*filled(on, off)) <= 1e-15 * 10, kw
+            assert max_rel_diff(*filled(on, off)) <= TAILS_FP64, kw
     dense_on = grads_of(model, lambda: dense_step(model, groups, loss, 16))
     dense_off = grads_of(model, lambda: dense_step(model, groups, loss, 16, skip_inert=False))
     if dense_on or dense_off:
-        assert max_rel_diff(*filled(dense_on, dense_off)) <= 1e-15 * 10
+        assert max_rel_diff(*filled(dense_on, dense_off)) <= TAILS_FP64
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -134,6 +139,9 @@ def test_all_inert_runs_nothing_and_reports():
     assert stats.microbatches == 1 and k.flops_saved > 0
     assert "skipped (exact): 3 inert response(s), 1 whole group(s), 11 response token(s)" in report
     assert "GFLOP saved" in report
+    plain, _ = reuse_grads(model, groups, PolicyLoss())
+    offloaded, _ = reuse_grads(model, groups, PolicyLoss(), offload="all")
+    assert same(plain, offloaded)
     model.zero_grad(set_to_none=True)
     with hbmplan.memory(model) as mem:
         stats = mem.step(groups[:1], PolicyLoss())
