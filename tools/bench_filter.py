@@ -41,6 +41,7 @@ from hbmplan.kernels.filtered_linear import RowKeep, grad_mask
 from hbmplan.losses import group_advantages
 from hbmplan.models import DecoderConfig, ReferenceDecoder
 from hbmplan.schedules.filtering import filtered_rows
+from hbmplan.token_filter import AdvantageRatio, EntropyQuantile
 from tools.harness import (
     add_threads_arg,
     apply_threads,
@@ -295,7 +296,44 @@ def part_trace(args, device):
              f"{trace.task.prompt_len} tokens, each batch trained {trace.train.updates_per_batch}x); "
              f"all steps' groups stepped with exact skipping on and off, interleaved, from the "
              f"trace's init, fp32; median of {args.trace_repeats} passes after a warm-up.")  # fmt: skip
-    return intro + "\n\n" + markdown_table(header, table), out_rows
+    text = intro + "\n\n" + markdown_table(header, table)
+    dist_text, dist_rows = trace_gradient_distance(trace, model, loss_fn, steps, group_from)
+    return text + "\n\n" + dist_text, out_rows + dist_rows
+
+
+def trace_gradient_distance(trace, model, loss_fn, steps, group_from):
+    """Distance of filtered from exact gradients on the trace's groups (recorded advantages,
+    PolicyLoss, the init model): ``||g_f - g|| / ||g||`` and cosine, over all parameters."""
+    groups = [group_from(trace.tensors, j) for meta in steps for j in meta["groups"]][::2]
+
+    def grads(token_filter):
+        model.zero_grad(set_to_none=True)
+        with hbmplan.memory(model, token_filter=token_filter) as mem:
+            dropped = sum(mem.step([g], loss_fn).filtered_tokens for g in groups)
+        flat = torch.cat(
+            [p.grad.flatten().double() for p in model.parameters() if p.grad is not None]
+        )
+        model.zero_grad(set_to_none=True)
+        return flat, dropped
+
+    exact, _ = grads(None)
+    n_tokens = sum(sum(g.response_lens) for g in groups)
+    rows, table = [], []
+    for f in (EntropyQuantile(fraction=0.8), EntropyQuantile(fraction=0.6),
+              EntropyQuantile(fraction=0.5), AdvantageRatio(threshold=0.5)):  # fmt: skip
+        got, dropped = grads(f)
+        dist = ((got - exact).norm() / exact.norm()).item()
+        cos = torch.nn.functional.cosine_similarity(got, exact, dim=0).item()
+        rows.append(
+            dict(filter=repr(f), dropped=dropped, tokens=n_tokens, distance=dist, cosine=cos)
+        )
+        table.append([repr(f).replace("impl='gather', ", ""), f"{dropped / n_tokens:.0%}",
+                      f"{dist:.3f}", f"{cos:.3f}"])  # fmt: skip
+    intro = (f"Filtered vs exact gradient on the trace's {len(groups)} distinct groups (recorded "
+             "advantages, PolicyLoss, the init model, fp32), all parameters together:")  # fmt: skip
+    return intro + "\n\n" + markdown_table(
+        ["token_filter", "tokens dropped", "||g_f - g|| / ||g||", "cosine(g_f, g)"], table
+    ), rows
 
 
 def main(argv=None) -> int:
