@@ -73,8 +73,10 @@ def dense_step(
     if spec is None and (skip_inert or check_skips):
         extents = declared_extents(loss_fn, groups)
     skipping = extents is not None and skip_inert and not check_skips
-    if skipping:
+    if skipping:  # counted as the reuse schedule counts them: what trains
         stats.skipped = skip_stats(groups, extents)
+        stats.groups -= stats.skipped.groups
+        stats.trajectories -= stats.skipped.responses
     clock = PhaseClock(stats, device)
     exclude = [*adapter.model.parameters(), *adapter.model.buffers()]
     total = torch.zeros((), device=device)

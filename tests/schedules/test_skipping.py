@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import example, given, settings
@@ -92,6 +94,9 @@ def test_inert_responses_bitwise_equal(spec):
     dense_on = grads_of(model, lambda: dense_step(model, groups, loss))
     dense_off = grads_of(model, lambda: dense_step(model, groups, loss, skip_inert=False))
     assert same(dense_on, dense_off)
+    dense_stats = dense_step(model, groups, loss)
+    assert (dense_stats.groups, dense_stats.trajectories) == (stats.groups, stats.trajectories)
+    assert dense_stats.skipped == dataclasses.replace(stats.skipped, flops_saved=None)
 
 
 @settings(max_examples=3)
