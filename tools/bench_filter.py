@@ -210,6 +210,7 @@ def part_filtering(args, device, dtype):
     times = backward_timings(model, ids, weights, keeps, args.repeats, device)
     base = statistics.median(times["no filtering"])
     gemm = gemm_timings(cfg, T, kept_idx, args.repeats, device, dtype)
+    share = gemm["all rows"] * cfg.num_layers / base
     rows, table = [], []
     for frac in FRACTIONS:
         name = f"{frac:.0%} gather"
@@ -220,7 +221,8 @@ def part_filtering(args, device, dtype):
         dist = gradient_distance(model, ids, weights, keeps[name][1]) if frac else 0.0
         row = dict(filtered=frac, backward_ms=1e3 * t, backward_ratio=t / base,
                    spread=spread, gemm_ratio=g_only, gemm_gather_ratio=g_gath,
-                   grad_distance=dist)  # fmt: skip
+                   grad_distance=dist, gemm_all_rows_ms=1e3 * gemm["all rows"],
+                   linear_share=share)  # fmt: skip
         rows.append(row)
         table.append([f"{frac:.0%}", f"{1e3 * t:.1f}", f"{t / base:.3f} ({t / base - 1:+.1%})",
                       f"{g_only:.3f}", f"{g_gath:.3f}", f"{dist:.3g}", PUBLISHED.get(frac, "")])  # fmt: skip
@@ -233,7 +235,11 @@ def part_filtering(args, device, dtype):
     intro = (f"Model: reference decoder h={h}, {cfg.num_layers} layers, {cfg.num_heads} heads "
              f"(D={cfg.dim}), {cfg.num_kv_heads} KV heads, ffn {cfg.intermediate_size}, {dtype}; "
              f"one row of {T} tokens; unfiltered backward {1e3 * base:.1f} ms (median of "
-             f"{args.repeats}). GEMM columns: one layer's 7 linear backward GEMM pairs.")  # fmt: skip
+             f"{args.repeats}). GEMM columns: one layer's 7 linear backward GEMM pairs, "
+             f"{1e3 * gemm['all rows']:.1f} ms on all rows: x {cfg.num_layers} layers = "
+             f"{share:.0%} of the unfiltered backward, so filtering a fraction f of the rows can "
+             f"save at most about f x {share:.0%} of it while attention's and the elementwise "
+             f"ops' backward stay full size.")  # fmt: skip
     for r in rows:
         if r["spread"] > 0.15:
             warn(f"noisy backward timing at {r['filtered']:.0%} filtered (spread "
