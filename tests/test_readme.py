@@ -40,7 +40,7 @@ def test_every_python_block_is_covered_here():
 
 
 def test_first_example(capsys):
-    _run(_block("num_layers=2"))
+    _run(_block("ReferenceDecoder(DecoderConfig(vocab_size=1000, hidden_size=128, num_layers=2"))
     assert "hbmplan reuse step 1" in capsys.readouterr().out
 
 
