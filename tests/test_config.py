@@ -50,7 +50,9 @@ def test_config_is_frozen_and_normalised():
     fields = {f.name: f for f in dataclasses.fields(ReuseConfig)}
     assert set(fields) == {
         "tokens_per_microbatch", "grad_cache_dtype", "check_finite", "router_loss", "attention",
-        "deterministic", "hbm_budget", "offload", "rates", "atomic", "temperature", "entropy",
+        "deterministic", "hbm_budget", "offload", "rates", "atomic",
+        "skip_inert", "check_skips", "token_filter",  # token filtering
+        "temperature", "entropy",  # TRL
     }  # fmt: skip
 
 

@@ -280,7 +280,8 @@ class ReuseGRPOTrainer(GRPOTrainer):
                 return group.data["rows"][i].loss(logp, objective)
 
             stats = self.memory(model).step(grouped.groups, loss_fn)
-            loss = stats.loss.detach().float()
+            if stats.loss is not None:  # None: nothing ran
+                loss = stats.loss.detach().float()
             self._log_step(stats, grouped)
             if window is not None:
                 for g, group in enumerate(grouped.groups):
