@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -85,6 +86,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--completion-length", type=int, default=16)
+    parser.add_argument(
+        "--output-dir",
+        default=tempfile.mkdtemp(prefix="trl_grpo_"),
+        help="checkpoints and logs (default: a new temporary directory)",
+    )
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -99,7 +105,7 @@ def main() -> None:
             args.model, dtype=torch.bfloat16 if cuda else torch.float32
         )
     config = GRPOConfig(
-        output_dir="trl_grpo_out", per_device_train_batch_size=args.generations,
+        output_dir=args.output_dir, per_device_train_batch_size=args.generations,
         num_generations=args.generations, gradient_accumulation_steps=2,
         max_completion_length=args.completion_length, max_steps=args.steps, learning_rate=1e-5,
         logging_steps=1, report_to=[], save_strategy="no", bf16=cuda, use_cpu=not cuda,
