@@ -131,13 +131,14 @@ class SelfAttention(nn.Module):
             return self._packed(a, rope_cs, prefix)
         B, T, _ = a.shape
         D = self.dim
-        q = self.q_proj(a).view(B, T, self.heads, D).transpose(1, 2)
-        k = self.k_proj(a).view(B, T, self.kv_heads, D).transpose(1, 2)
-        v = self.v_proj(a).view(B, T, self.kv_heads, D).transpose(1, 2)
+        # heads as -1: under tensor parallel each rank holds a slice of them
+        q = self.q_proj(a).view(B, T, -1, D).transpose(1, 2)
+        k = self.k_proj(a).view(B, T, -1, D).transpose(1, 2)
+        v = self.v_proj(a).view(B, T, -1, D).transpose(1, 2)
         q, k = rope(q, *rope_cs), rope(k, *rope_cs)
         kp, vp = prefix if prefix is not None else (None, None)
         o = prefix_attention_ref(q, kp, vp, k, v)
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.heads * D)), (k, v)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), (k, v)
 
     def _packed(
         self, a: torch.Tensor, rope_cs: tuple[torch.Tensor, torch.Tensor], prefix: PackedLayer
@@ -147,12 +148,12 @@ class SelfAttention(nn.Module):
             raise ValueError(f"packed sequences come as one row, got {B} rows")
         D = self.dim
         cos, sin = (t[0].transpose(0, 1) for t in rope_cs)  # [T, 1, D]
-        q = rope(self.q_proj(a).view(T, self.heads, D), cos, sin)
-        k = rope(self.k_proj(a).view(T, self.kv_heads, D), cos, sin)
-        v = self.v_proj(a).view(T, self.kv_heads, D)
+        q = rope(self.q_proj(a).view(T, -1, D), cos, sin)
+        k = rope(self.k_proj(a).view(T, -1, D), cos, sin)
+        v = self.v_proj(a).view(T, -1, D)
         o = prefix.attend(q, k, v)
         kv = (k.transpose(0, 1)[None], v.transpose(0, 1)[None])
-        return self.o_proj(o.reshape(1, T, self.heads * D)), kv
+        return self.o_proj(o.reshape(1, T, -1)), kv
 
 
 class DecoderLayer(nn.Module):

@@ -29,8 +29,16 @@ from hbmplan.runtime.replay import Dropped, LayerCall, rng_state, set_rng_state,
 __all__ = ["SavedStorage", "SavedTensorCapture", "storage_key"]
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (the memory it lives in); any other tensor as is."""
+    local = getattr(t, "_local_tensor", None)
+    return local if local is not None else t
+
+
 def storage_key(t: torch.Tensor) -> tuple[str, int]:
-    """Identity of the memory a tensor lives in: (device, storage data pointer)."""
+    """Identity of the memory a tensor lives in: (device, storage data pointer); a DTensor's
+    (tensor parallel) is its local shard's."""
+    t = _local(t)
     return (str(t.device), t.untyped_storage().data_ptr())
 
 
@@ -150,7 +158,7 @@ class SavedTensorCapture:
             rec = SavedStorage(
                 id=len(self.records),
                 key=key,
-                nbytes=t.untyped_storage().nbytes(),
+                nbytes=_local(t).untyped_storage().nbytes(),
                 dtype=t.dtype,
                 shape=tuple(t.shape),
                 device=t.device,

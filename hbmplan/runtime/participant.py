@@ -70,9 +70,15 @@ class StepContext:
     do."""
 
     def model_storages(self) -> list[torch.Tensor]:
-        """The model's parameters and buffers (a capture excludes them: they outlive a step)."""
+        """The model's parameters and buffers (a capture excludes them: they outlive a step); a
+        DTensor (tensor parallel) as its local shard, the memory it lives in."""
         model = self.adapter.model
-        return [*model.parameters(), *model.buffers()]
+        return [_local(t) for t in (*model.parameters(), *model.buffers())]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    local = getattr(t, "_local_tensor", None)  # a DTensor's shard, without importing DTensor
+    return local if local is not None else t
 
 
 @dataclass(frozen=True)
