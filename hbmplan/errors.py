@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-__all__ = ["BudgetError", "HostMemoryError", "PoolExhaustedError"]
+__all__ = ["BudgetError", "HostMemoryError", "ParallelLayoutError", "PoolExhaustedError"]
 
 _MIB = 2**20
 
@@ -62,3 +62,10 @@ class PoolExhaustedError(MemoryError):
 
     def __reduce__(self):
         return (type(self), (self.requested, self.largest_free, self.capacity, self.used))
+
+
+class ParallelLayoutError(ValueError):
+    """A tensor- or context-parallel layout the reuse step cannot run exactly: K/V heads not
+    divisible by the tensor-parallel degree, a per-head norm whose gradient would be a per-rank
+    partial sum or be all-reduced after every backward, a prompt split that is not supported.
+    The message names the module, the rule and the supported alternative."""

@@ -31,6 +31,7 @@ from torch import nn
 from hbmplan.models.moe import MoEDecoder, RouterSpec
 from hbmplan.models.packed import KV, PackedPrefix
 from hbmplan.models.reference import ReferenceDecoder
+from hbmplan.models.tensor_parallel import check_tensor_parallel
 
 __all__ = [
     "KV",
@@ -152,6 +153,11 @@ class ReferenceAdapter(AdapterBase):
     def packed_unsupported(self, context_len: int) -> str | None:
         """The reference decoders attend over any context in packed rows."""
         return None
+
+    def check_schedulable(self) -> None:
+        """A tensor-parallel layout the step cannot run exactly raises
+        :class:`hbmplan.ParallelLayoutError` (:mod:`hbmplan.models.tensor_parallel`)."""
+        check_tensor_parallel(self.model, self.layers, self.model.cfg.num_kv_heads)
 
     def full_hidden(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden, _ = self.model(ids, positions)

@@ -34,6 +34,7 @@ from torch import nn
 from hbmplan.models.adapter import AdapterBase
 from hbmplan.models.moe import RouterSpec
 from hbmplan.models.packed import KV, PackedPrefix
+from hbmplan.models.tensor_parallel import check_tensor_parallel
 
 __all__ = [
     "ATTENTION_NAME",
@@ -188,7 +189,15 @@ class HFAdapter(AdapterBase):
     def check_schedulable(self) -> None:
         """``ValueError`` when the model's settings stop the reuse schedule: Hugging Face gradient
         checkpointing (in training mode) drops the K/V cache that phase A fills and phase B reads.
-        hbmplan keeps or offloads the prompt's activations itself (``hbm_budget=``)."""
+        hbmplan keeps or offloads the prompt's activations itself (``hbm_budget=``). A
+        tensor-parallel layout it cannot run exactly raises :class:`hbmplan.ParallelLayoutError`
+        (:mod:`hbmplan.models.tensor_parallel`)."""
+        kv_heads = int(getattr(self.config, "num_key_value_heads", None) or 0) or int(
+            self.config.num_attention_heads
+        )
+        check_tensor_parallel(
+            self.model, self.layers, kv_heads, getattr(self.model, "_tp_plan", None)
+        )
         checkpointed = [
             i
             for i, layer in enumerate(self.layers)

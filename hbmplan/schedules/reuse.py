@@ -37,6 +37,7 @@ from torch import nn
 from hbmplan.config import Attention, ReuseConfig, RouterLossMode, config_or_keywords
 from hbmplan.group import Group, validate_groups
 from hbmplan.models.adapter import CausalLMAdapter, adapt, model_device
+from hbmplan.models.tensor_parallel import tensor_parallel_degree
 from hbmplan.runtime import ByteMeter, NvtxRanges, offload_participants
 from hbmplan.runtime.participant import Participant, Participants, StepContext
 from hbmplan.runtime.stats import PhaseClock, StepStats
@@ -109,6 +110,11 @@ def run_step(
     spec = resolve_router_loss(config.router_loss, adapter.router)
     validate_groups(groups, adapter.vocab_size, adapter.max_positions, model_device(adapter))
     adapter.check_schedulable()
+    if config.offloads and tensor_parallel_degree(adapter.model) > 1:
+        raise ValueError(
+            "offload (hbm_budget or offload='all') does not run under tensor parallel yet: the "
+            "saved activations are DTensors; give no hbm_budget"
+        )
     meter = [ByteMeter()] if groups[0].prompt.device.type != "cuda" else []
     parts = Participants([NvtxRanges(), *participants, *meter])
     plan = parts.adjust_plan(plan_step(adapter, groups, config))
