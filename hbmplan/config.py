@@ -19,9 +19,13 @@ from hbmplan.planner.timeline import Rates
 
 __all__ = [
     "ATTENTIONS",
+    "CP_BALANCES",
+    "CP_EXCHANGES",
     "OFFLOAD_MODES",
     "ROUTER_LOSS_MODES",
     "Attention",
+    "CPBalance",
+    "CPExchange",
     "OffloadMode",
     "ReuseConfig",
     "RouterLossMode",
@@ -34,6 +38,10 @@ Attention = Literal["auto", "triton", "reference", "padded"]
 ATTENTIONS: tuple[Attention, ...] = ("auto", "triton", "reference", "padded")
 OffloadMode = Literal["auto", "off", "all"]
 OFFLOAD_MODES: tuple[OffloadMode, ...] = ("auto", "off", "all")
+CPExchange = Literal["auto", "pass-q", "all-gather"]
+CP_EXCHANGES: tuple[CPExchange, ...] = ("auto", "pass-q", "all-gather")
+CPBalance = Literal["zigzag", "contiguous"]
+CP_BALANCES: tuple[CPBalance, ...] = ("zigzag", "contiguous")
 RouterLossMode = Literal["per-trajectory", "global-batch", "off"]
 ROUTER_LOSS_MODES: tuple[RouterLossMode, ...] = ("per-trajectory", "global-batch", "off")
 
@@ -132,6 +140,21 @@ class ReuseConfig:
     """:func:`hbmplan.memory` steps restore ``.grad`` if they raise (one gradient-sized buffer
     while gradients accumulate across steps). :func:`reuse_step` alone is never atomic."""
 
+    # tensor and context parallel
+    cp_mesh: object | None = None
+    """Context parallel: a 1-D ``DeviceMesh`` or ``ProcessGroup`` whose ranks split each
+    prompt's phase A (each keeps its slice's K/V and activations) and share its response
+    microbatches (each runs on one rank); every rank passes the same groups, and gradients are
+    summed over it. ``None``: off. Runs through :func:`hbmplan.memory` (see
+    :mod:`hbmplan.distributed.context_parallel`); no offload, dense models."""
+    cp_exchange: CPExchange = "auto"
+    """How a response microbatch reaches the other ranks' prompt slices: "pass-q" (send its
+    queries, get back partial outputs and log-sum-exps), "all-gather" (gather the slices' K/V),
+    or "auto" (whichever moves fewer bytes, per round of microbatches)."""
+    cp_balance: CPBalance = "zigzag"
+    """How the prompt is split: "zigzag" (2·cp chunks, rank r takes chunks r and 2·cp-1-r:
+    equal causal work) or "contiguous" (cp chunks in order)."""
+
     def __post_init__(self) -> None:
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
@@ -153,6 +176,31 @@ class ReuseConfig:
             raise TypeError(f"rates must be an hbmplan Rates, got {type(self.rates).__name__}")
         _check_bool("check_finite", self.check_finite)
         _check_bool("atomic", self.atomic)
+        self._check_parallel()
+
+    def _check_parallel(self) -> None:
+        if self.cp_exchange not in CP_EXCHANGES:
+            raise ValueError(f"cp_exchange must be one of {CP_EXCHANGES}, got {self.cp_exchange!r}")
+        if self.cp_balance not in CP_BALANCES:
+            raise ValueError(f"cp_balance must be one of {CP_BALANCES}, got {self.cp_balance!r}")
+        if self.cp_mesh is None:
+            return
+        import torch.distributed as dist
+
+        mesh = self.cp_mesh
+        is_mesh = type(mesh).__name__ == "DeviceMesh" and hasattr(mesh, "get_group")
+        if not (is_mesh or isinstance(mesh, dist.ProcessGroup)):
+            raise TypeError(
+                f"cp_mesh must be a 1-D DeviceMesh or a ProcessGroup, got {type(mesh).__name__}"
+            )
+        if is_mesh and mesh.ndim != 1:
+            raise ValueError(f"cp_mesh must be 1-D (slice the CP dimension), got {mesh.ndim}-D")
+        if self.offloads:
+            raise ValueError(
+                "context parallel runs without offload: give no hbm_budget and offload other "
+                f"than 'all' with cp_mesh, got hbm_budget={self.hbm_budget}, "
+                f"offload={self.offload!r}"
+            )
 
     @property
     def offloads(self) -> bool:

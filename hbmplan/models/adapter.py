@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from hbmplan.models.moe import MoEDecoder, RouterSpec
-from hbmplan.models.packed import KV, PackedPrefix
+from hbmplan.models.packed import KV, PackedPrefix, PrefixAttention
 from hbmplan.models.reference import ReferenceDecoder
 from hbmplan.models.tensor_parallel import check_tensor_parallel
 
@@ -140,8 +140,12 @@ class ReferenceAdapter(AdapterBase):
     def layers(self) -> nn.ModuleList:
         return self.model.layers
 
-    def prompt_kv(self, ids: torch.Tensor, positions: torch.Tensor) -> list[KV]:
-        _, kvs = self.model(ids, positions)
+    def prompt_kv(
+        self, ids: torch.Tensor, positions: torch.Tensor, attention: PrefixAttention | None = None
+    ) -> list[KV]:
+        """``attention``: run the prompt's own attention through it (one packed row; context
+        parallel's prompt slice), instead of plain causal attention."""
+        _, kvs = self.model(ids, positions, prefix_kv=attention)
         return kvs
 
     def response_hidden(
