@@ -14,7 +14,15 @@ import torch
 from torch import nn
 
 from hbmplan.atomic import GradStash
-from hbmplan.config import Attention, OffloadMode, ReuseConfig, RouterLossMode, parse_bytes
+from hbmplan.config import (
+    Attention,
+    CPBalance,
+    CPExchange,
+    OffloadMode,
+    ReuseConfig,
+    RouterLossMode,
+    parse_bytes,
+)
 from hbmplan.group import Group
 from hbmplan.models.adapter import CausalLMAdapter, adapt, model_device
 from hbmplan.planner import Rates
@@ -121,6 +129,13 @@ class MemoryContext:
             model_device(self.adapter), config
         )
         self._participants = [*offload, *participants]
+        self._cp = None
+        if config.cp_mesh is not None:
+            from hbmplan.distributed.context_parallel import CPComm, cp_group
+
+            if participants:
+                raise ValueError("context parallel steps take no participants yet")
+            self._cp = CPComm(cp_group(config.cp_mesh))
         self._report = Report()
         self._active = False
         self._saved_state: tuple[dict[nn.Module, bool], dict[nn.Parameter, bool]] | None = None
@@ -168,7 +183,12 @@ class MemoryContext:
             config = config.replace(tokens_per_microbatch=tokens_per_microbatch)
         stash = GradStash(self.model.parameters()) if config.atomic else None
         try:
-            stats = run_step(self.adapter, groups, loss_fn, config, self._participants)
+            if self._cp is not None:
+                from hbmplan.distributed.context_parallel import cp_step
+
+                stats = cp_step(self.adapter, groups, loss_fn, config, self._cp)
+            else:
+                stats = run_step(self.adapter, groups, loss_fn, config, self._participants)
         except BaseException:
             if stash is not None:
                 stash.restore()
@@ -179,6 +199,12 @@ class MemoryContext:
         self._report.steps += 1
         self._report.last = stats
         return stats
+
+    @property
+    def cp_bytes(self) -> dict[str, int]:
+        """Context parallel: bytes this rank received per phase ("A", "B", "C"), totals over the
+        context's steps; empty without ``cp_mesh``."""
+        return dict(self._cp.received) if self._cp is not None else {}
 
     def report(self) -> Report:
         """Measurements so far: per-phase time and peak memory, K/V and gradient-cache bytes."""
@@ -199,6 +225,9 @@ def memory(
     attention: Attention = "auto",
     deterministic: bool = False,
     participants: Sequence[Participant] = (),
+    cp_mesh: object | None = None,
+    cp_exchange: CPExchange = "auto",
+    cp_balance: CPBalance = "zigzag",
 ) -> MemoryContext:
     """Wrap ``model`` for reuse-schedule training.
 
@@ -216,11 +245,15 @@ def memory(
             and a bitwise-reproducible Triton backward.
         participants: more phase-hook participants for every step (see
             :mod:`hbmplan.runtime.participant`).
+        cp_mesh, cp_exchange, cp_balance: context parallel (a 1-D ``DeviceMesh`` or
+            ``ProcessGroup`` splitting each prompt over its ranks; how responses reach the
+            slices; how the prompt is split), see :mod:`hbmplan.distributed.context_parallel`.
+            A model parallelised with DTensor tensor parallel needs nothing here.
     """
     config = ReuseConfig(
         tokens_per_microbatch=tokens_per_microbatch, grad_cache_dtype=grad_cache_dtype,
         check_finite=check_finite, router_loss=router_loss, attention=attention,
         deterministic=deterministic, hbm_budget=hbm_budget, offload=offload, rates=rates,
-        atomic=atomic,
+        atomic=atomic, cp_mesh=cp_mesh, cp_exchange=cp_exchange, cp_balance=cp_balance,
     )  # fmt: skip
     return MemoryContext(model, config, participants)

@@ -35,6 +35,7 @@ from hbmplan.distributed.cp_attention import (
     SplitPromptAttention,
     SplitPromptResponses,
     choose_exchange,
+    slice_inputs,
 )
 from hbmplan.errors import ParallelLayoutError
 from hbmplan.group import Group, validate_groups
@@ -48,7 +49,7 @@ from hbmplan.schedules.microbatch import LossFn, microbatch_loss, packed_rows, t
 from hbmplan.schedules.phases import prompt_needs_graph
 from hbmplan.schedules.step_plan import plan_step
 
-__all__ = ["PromptSplit", "cp_group", "cp_rounds", "cp_step"]
+__all__ = ["CPComm", "PromptSplit", "cp_group", "cp_rounds", "cp_step"]
 
 
 def cp_group(mesh) -> dist.ProcessGroup:
@@ -145,7 +146,6 @@ def _group(adapter, gp: GroupPlan, loss_fn, config, comm, clock, graph) -> torch
     group = gp.group
     n = group.prompt_len - 1
     split = PromptSplit(n, comm.size, config.cp_balance)
-    mine = torch.tensor(split.indices(comm.rank), dtype=torch.long, device=group.prompt.device)
     meter = group.prompt.device.type == "cpu"
     capture = SavedTensorCapture(_model_storages(adapter), adapter.layers) if meter else None
     cache = None
@@ -154,9 +154,9 @@ def _group(adapter, gp: GroupPlan, loss_fn, config, comm, clock, graph) -> torch
         with clock.phase("A"), capture.phase("A") if meter else contextlib.nullcontext():
             attention = SplitPromptAttention(comm, split, adapter.num_layers)
             with torch.enable_grad() if graph else torch.no_grad():
-                kv = adapter.prompt_kv(
-                    group.prompt[:-1][mine][None], mine[None], attention=attention
-                )
+                ids, pos, real = slice_inputs(split, comm.rank, group.prompt[:-1])
+                kv = adapter.prompt_kv(ids, pos, attention=attention)
+                kv = [(k[:, :, :real], v[:, :, :real]) for k, v in kv]
             cache = GradientCache(kv, config.grad_cache_dtype)
         hot = [t for pair in cache.prompt_kv for t in pair]
         if meter:

@@ -16,9 +16,11 @@ own token slice. Two attentions read the split prompt:
 Communication per layer and rank (elements received; m: longest slice, t: longest microbatch of
 the round, Hq/Hkv heads, D head dim; forward + backward)::
 
-    phase A + C     3 (cp-1) m 2 Hkv D         all-gather K/V twice, reduce-scatter dK/dV
-    B, pass-q       (cp-1) t Hq (4 D + 2)       Q, (O, lse) and back: S·h per layer
-    B, all-gather   (cp-1) m 4 Hkv D           K/V and dK/dV: P·kv per layer
+    A               (cp-1) m 2 Hkv D           all-gather K/V, every layer
+    C               2 (cp-1) m 2 Hkv D         again, and reduce-scatter dK/dV; every layer but
+                                               the last (no K/V depends on its attention output)
+    B, pass-q       (cp-1) t Hq (4 D + 2)      Q, (O, lse) and back: S·h per layer and round
+    B, all-gather   (cp-1) m 4 Hkv D           K/V and dK/dV: P·kv per layer and round
 
 :func:`exchange_elements` states these; ``"auto"`` takes the smaller of the two B rows. The
 partial attention is plain PyTorch math (``[H, T, S]`` scores), on any device.
@@ -48,6 +50,7 @@ __all__ = [
     "exchange_elements",
     "merge_partials",
     "partial_attention",
+    "slice_inputs",
 ]
 
 Exchange = CPExchange
@@ -128,13 +131,13 @@ class CPComm:
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """[m, ...] from each rank -> [cp·m, ...] (no autograd)."""
-        out = _wait(funcol.all_gather_tensor(x.contiguous(), 0, self.group))
+        out = _wait(funcol.all_gather_single(x.contiguous(), 0, self.group))
         self.count(x.nbytes * (self.size - 1))
         return out
 
     def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
         """[cp·m, ...] -> the sum over ranks of this rank's [m, ...] block (no autograd)."""
-        out = _wait(funcol.reduce_scatter_tensor(x.contiguous(), "sum", 0, self.group))
+        out = _wait(funcol.reduce_scatter_single(x.contiguous(), "sum", 0, self.group))
         self.count(x.nbytes * (self.size - 1) / self.size)
         return out
 
@@ -235,7 +238,7 @@ def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tens
 
 # -- volumes --------------------------------------------------------------------------------
 def exchange_elements(
-    exchange: Literal["pass-q", "all-gather", "prompt"],
+    exchange: Literal["pass-q", "all-gather", "prompt-a", "prompt-c"],
     cp: int,
     *,
     heads: int,
@@ -244,16 +247,21 @@ def exchange_elements(
     slice_len: int,
     tokens: int = 0,
 ) -> int:
-    """Elements one rank receives per layer, forward and backward (module docstring's table):
-    ``"prompt"`` phase A + C; ``"pass-q"`` / ``"all-gather"`` one phase-B round whose longest
-    microbatch has ``tokens`` tokens; ``slice_len`` is the longest prompt slice."""
-    if exchange == "prompt":
-        return 3 * (cp - 1) * slice_len * 2 * kv_heads * head_dim
-    if exchange == "pass-q":
-        return (cp - 1) * tokens * heads * (4 * head_dim + 2)
-    if exchange == "all-gather":
-        return (cp - 1) * slice_len * 4 * kv_heads * head_dim
-    raise ValueError(f"exchange must be 'prompt', 'pass-q' or 'all-gather', got {exchange!r}")
+    """Elements one rank receives per layer (the module docstring's table): ``"prompt-a"``
+    phase A, ``"prompt-c"`` phase C (layers but the last), ``"pass-q"`` / ``"all-gather"`` one
+    phase-B round whose longest microbatch has ``tokens`` tokens, forward and backward;
+    ``slice_len`` is the longest prompt slice. Times the itemsize (fp32 for 16-bit models'
+    phase-B partials) for bytes."""
+    kv = (cp - 1) * slice_len * 2 * kv_heads * head_dim
+    table = {
+        "prompt-a": kv,
+        "prompt-c": 2 * kv,
+        "pass-q": (cp - 1) * tokens * heads * (4 * head_dim + 2),
+        "all-gather": 2 * kv,
+    }
+    if exchange not in table:
+        raise ValueError(f"exchange must be one of {sorted(table)}, got {exchange!r}")
+    return table[exchange]
 
 
 def choose_exchange(
@@ -327,10 +335,24 @@ class SplitPromptAttention(PrefixAttention):
         self.prefix_len, self.max_seqlen = 0, split.n
         self.valid = split.valid_rows()
         mine = torch.tensor(split.indices(comm.rank), dtype=torch.long)
-        self.mask = split.gathered_order()[None, :] <= mine[:, None]  # [T_loc, n]
+        if mine.numel():
+            self.mask = split.gathered_order()[None, :] <= mine[:, None]  # [T_loc, n]
+        else:  # an empty slice runs one stand-in query (see :func:`slice_inputs`): it sees all
+            self.mask = torch.ones(1, split.n, dtype=torch.bool)
 
     def layer(self, index: int) -> LayerAttention:
         return _SplitPromptLayer(self)
+
+
+def slice_inputs(split: PromptSplit, rank: int, prompt: torch.Tensor):
+    """Phase A's (ids [1, T], positions [1, T]) on ``rank``, and how many of its K/V rows are
+    real. A rank without a token (n < cp) runs a stand-in token whose K/V nobody reads and
+    whose output nobody uses (models cannot run zero tokens): every rank still joins every
+    collective."""
+    mine = torch.tensor(split.indices(rank), dtype=torch.long, device=prompt.device)
+    if mine.numel() == 0:
+        return prompt[:1][None], torch.zeros_like(prompt[:1])[None], 0
+    return prompt[mine][None], mine[None], mine.numel()
 
 
 # -- phase B --------------------------------------------------------------------------------

@@ -107,6 +107,11 @@ def run_step(
     give every participant the step's outcome. Raises the step's first failure, after every
     participant's ``end_step(ok=False)`` and ``abort``."""
     adapter = adapt(model)
+    if config.cp_mesh is not None:
+        raise ValueError(
+            "a config with cp_mesh runs through hbmplan.memory (or "
+            "hbmplan.distributed.context_parallel.cp_step), not reuse_step"
+        )
     spec = resolve_router_loss(config.router_loss, adapter.router)
     validate_groups(groups, adapter.vocab_size, adapter.max_positions, model_device(adapter))
     adapter.check_schedulable()
