@@ -35,6 +35,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
 
 from hbmplan.config import CP_EXCHANGES, CPBalance, CPExchange
 from hbmplan.models.packed import LayerAttention, PrefixAttention, as_rows
@@ -286,16 +287,24 @@ def _gather_kv(comm: CPComm, split: PromptSplit, valid: torch.Tensor, k, v):
     return full.split(k.shape[-1], dim=-1)
 
 
+def _masked_sdpa(q, K, V, mask, scale):
+    """PyTorch SDPA of q [T, Hq, D] over K, V [n, Hkv, D] under a bool mask [T, n] (the
+    memory-efficient kernel on CUDA: no [T, n] probabilities kept); [T, Hq, D]."""
+    rows = [x.transpose(0, 1)[None] for x in (q, K, V)]
+    out = F.scaled_dot_product_attention(*rows, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out[0].transpose(0, 1)
+
+
 class _SplitPromptFn(torch.autograd.Function):
     """Causal attention of a slice's queries over all slices, saving only the local q, k, v."""
 
     @staticmethod
     def forward(ctx, q, k, v, owner: SplitPromptAttention, scale: float):
         K, V = _gather_kv(owner.comm, owner.split, owner.valid, k, v)
-        o, _ = partial_attention(q, K, V, owner.mask.to(q.device), scale)
+        o = _masked_sdpa(q, K, V, owner.mask.to(q.device), scale)
         ctx.save_for_backward(q, k, v)
         ctx.owner, ctx.scale = owner, scale
-        return o.to(q.dtype)
+        return o
 
     @staticmethod
     def backward(ctx, do):
@@ -304,8 +313,8 @@ class _SplitPromptFn(torch.autograd.Function):
         K, V = _gather_kv(comm, owner.split, owner.valid, k, v)  # again: nothing kept since A
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_() for t in (q, K, V)]
-            o, _ = partial_attention(*leaves, owner.mask.to(q.device), ctx.scale)
-            dq, dK, dV = torch.autograd.grad(o.to(q.dtype), leaves, do)
+            o = _masked_sdpa(*leaves, owner.mask.to(q.device), ctx.scale)
+            dq, dK, dV = torch.autograd.grad(o, leaves, do)
         rows = torch.zeros(
             (comm.size * owner.split.max_len, *dK.shape[1:-1], 2 * dK.shape[-1]),
             dtype=dK.dtype,
