@@ -247,7 +247,7 @@ def _search(
             spec, P, [S] * G, schedule, dt, target=target, tokens_per_microbatch=rows * row_len,
             grad_cache_dtype=cfg.grad_cache_dtype, tp=shards.tp,
             prefetch_layers=cfg.prefetch_layers, fused_gqa=cfg.fused_gqa,
-            offload_during_a=cfg.offload_during_a, attention=cfg.attention,
+            offload_during_a=cfg.offload_during_a, attention=cfg.attention, cp=shards.cp,
             **plan,
         )  # fmt: skip
 
@@ -258,7 +258,10 @@ def _search(
         return max(peaks(phases(schedule, P, **plan)).values()) <= usable
 
     out: dict[str, ScheduleFrontier] = {}
-    for schedule in dict.fromkeys(cfg.schedules):
+    schedules = dict.fromkeys(cfg.schedules)
+    if shards.cp > 1:  # context parallel runs without offload or recompute
+        schedules = {s: None for s in schedules if s in ("dense", "reuse")}
+    for schedule in schedules:
         lo, hi = 0, cfg.max_prompt_len + 1  # invariant: lo fits (or is 0), hi does not
         if fits(schedule, 2):
             lo, step = 2, 2
@@ -276,7 +279,8 @@ def _search(
         (f.max_prompt_len for f in out.values() if f.max_prompt_len), default=0
     )
     card = cfg.card
-    timed = card is not None and target == "cuda" and dt.itemsize == 2
+    # step times under context parallel are not modelled (its collectives are not timed)
+    timed = card is not None and target == "cuda" and dt.itemsize == 2 and shards.cp == 1
     if timed and P:
         layer_bytes = prompt_layer_bytes(spec, P, dt, target=target, tp=shards.tp,
                                           fused_gqa=cfg.fused_gqa)  # fmt: skip

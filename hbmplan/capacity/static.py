@@ -35,9 +35,13 @@ class Shards:
     tp: int = 1
     """Tensor-parallel degree; :func:`frontier` requires it to divide the model's query and
     key/value heads (see :func:`tp_problem`)."""
+    cp: int = 1
+    """Context-parallel degree: divides the prompt's activations, K/V and gradient cache (the
+    reuse schedule) or each trajectory (dense); parameters are replicated over it. See
+    :func:`hbmplan.capacity.step_bytes.estimate_step`'s ``cp``."""
 
     def __post_init__(self) -> None:
-        for name in ("fsdp", "tp"):
+        for name in ("fsdp", "tp", "cp"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"shards.{name} must be an int >= 1, got {v!r}")

@@ -233,7 +233,14 @@ def cp_world(rank: int, world_size: int) -> dict:
     with hbmplan.memory(model) as mem:  # the ordinary single-process step, for the note
         peaks["reuse"] = mem.step(group, pg_loss).phases["A"].peak_bytes
     n, kv_heads, dim = P - 1, 2, 8
-    out["bytes"] = {**peaks, "layer_kv": 2 * n * kv_heads * dim * 8, "world": world_size}
+    from hbmplan.capacity.presets import model_spec
+    from hbmplan.capacity.step_bytes import estimate_step
+
+    estimate = estimate_step(
+        model_spec(model), P, [3, 2], "reuse", torch.float64, target="cpu", cp=world_size
+    )
+    out["bytes"] = {**peaks, "layer_kv": 2 * n * kv_heads * dim * 8, "world": world_size,
+                    "estimate": estimate["A"].total}  # fmt: skip
 
     # bytes received per phase against the documented formula (elements x itemsize)
     model = tiny_reference()
