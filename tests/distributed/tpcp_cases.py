@@ -271,3 +271,24 @@ def cp_world(rank: int, world_size: int) -> dict:
         )
     )
     return out
+
+
+# -- a 2 x 2 mesh: context parallel over tensor-parallel ranks --------------------------------
+def mesh_world(rank: int, world_size: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from hbmplan.distributed.tensor_parallel import parallelize
+
+    mesh = init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("cp", "tp"))
+    groups = [random_group(10, [2, 6, 1], seed=2), random_group(2, [4], seed=3)]
+    out: dict = {}
+    model = tiny_reference()
+    reference = copy.deepcopy(model)
+    parallelize(model, mesh["tp"])
+    dense = _dense(reference, groups)
+    for exchange in ("pass-q", "all-gather"):
+        cfg = dict(cp_mesh=mesh["cp"], cp_exchange=exchange, tokens_per_microbatch=6)
+        with hbmplan.memory(model, **cfg) as mem:
+            got = _grads(model, lambda m=mem: m.step(groups, pg_loss))
+        out[exchange] = max_rel_diff(got, dense)
+    return out
