@@ -33,6 +33,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tools.cpus import usable_cpus
 from tools.harness import machine_line, markdown_table, write_results
 
 
@@ -93,7 +94,7 @@ def _phase_marker(counter):
 
 def _rank(rank, world, init, args, mode, exchange, out):
     device = torch.device(f"cuda:{rank}") if args.device == "cuda" else torch.device("cpu")
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # the CPUs shared fairly
+    torch.set_num_threads(max(1, usable_cpus() // world))  # the usable CPUs, shared fairly
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
