@@ -121,7 +121,8 @@ def _rank(rank, world, init, args, mode, exchange, out):
                 marker = [_phase_marker(counter)] if counting else []
                 t0 = time.perf_counter()
                 count = counter if counting else contextlib.nullcontext()
-                mem = hbmplan.memory(model, participants=marker, tokens_per_microbatch=args.tokens)
+                mem = hbmplan.memory(model, participants=marker, tokens_per_microbatch=args.tokens,
+                                     attention=args.attention)  # fmt: skip
                 with count, mem:
                     mem.step([group], _loss)
                 if device.type == "cuda":
@@ -181,6 +182,9 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--attention", default="reference",
+                    help="TP rows' phase-B attention (CP runs packed rows: 'reference' compares "
+                         "like with like on CPU; 'auto' on GPUs)")  # fmt: skip
     ap.add_argument("--degrees", default="1,2")
     ap.add_argument("--write", action="store_true", help="write benchmarks/results/")
     args = ap.parse_args()
