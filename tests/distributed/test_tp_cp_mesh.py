@@ -8,7 +8,7 @@ import pytest
 from tests.distributed.tpcp_cases import mesh_world
 from tests.helpers.dist import run_ranks
 
-pytestmark = [pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]  # four ranks on the CPUs
 
 
 def test_tp_cp_mesh_gradients_equal_dense():
