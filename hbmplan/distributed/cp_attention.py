@@ -42,6 +42,7 @@ from hbmplan.models.packed import LayerAttention, PrefixAttention, as_rows
 
 __all__ = [
     "EXCHANGES",
+    "KEY_CHUNK",
     "CPComm",
     "Exchange",
     "PromptSplit",
@@ -191,12 +192,17 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype.itemsize < 4 else dtype
 
 
+KEY_CHUNK = 1024
+"""Keys per block of :func:`partial_attention`: its working memory is [Hq, T, KEY_CHUNK]."""
+
+
 def partial_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     mask: torch.Tensor | None,
     scale: float,
+    chunk: int = KEY_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of ``q`` over the keys ``k, v`` alone, with its log-sum-exp.
 
@@ -204,26 +210,89 @@ def partial_attention(
         q: [T, Hq, D]; k, v: [S, Hkv, D] (Hq a multiple of Hkv; S may be 0).
         mask: bool [T, S], True where a query sees a key (every query must see one), or None.
         scale: the softmax scale.
+        chunk: keys per block.
 
     Returns:
         (o [T, Hq, D], lse [T, Hq]) in fp32 for 16-bit inputs, else in q's dtype. With no key
         (S = 0) o is 0 and lse the dtype's lowest value, so the merge gives it no weight.
+
+    Memory: keeps q, k, v, o and lse for backward (never the [Hq, T, S] probabilities: the
+    backward recomputes them block by block, as flash attention does); works in [Hq, T, chunk]
+    blocks.
     """
     acc = _acc_dtype(q.dtype)
-    T, Hq, D = q.shape
-    S, Hkv = k.shape[0], k.shape[1]
-    if S == 0:  # still a function of q, so that the collectives around it stay in the graph
+    if k.shape[0] == 0:  # still a function of q, so that the collectives around it stay in graph
         zero = q.to(acc) * 0
         return zero, zero.sum(-1) + torch.finfo(acc).min
-    g = Hq // Hkv
-    qh = q.to(acc).reshape(T, Hkv, g, D)
-    s = torch.einsum("thgd,shd->hgts", qh, k.to(acc)) * scale
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # [Hkv, g, T]
-    p = torch.exp(s - lse[..., None])
-    o = torch.einsum("hgts,shd->thgd", p, v.to(acc)).reshape(T, Hq, D)
-    return o, lse.permute(2, 0, 1).reshape(T, Hq)
+    return _PartialAttention.apply(q, k, v, mask, scale, chunk)
+
+
+def _blocks(S: int, chunk: int):
+    return [(a, min(a + chunk, S)) for a in range(0, S, chunk)]
+
+
+class _PartialAttention(torch.autograd.Function):
+    """:func:`partial_attention` in key blocks: two passes forward (log-sum-exp, then output),
+    one backward pass recomputing each block's probabilities."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale, chunk):
+        acc = _acc_dtype(q.dtype)
+        T, Hq, D = q.shape
+        S, Hkv = k.shape[0], k.shape[1]
+        qh = q.to(acc).reshape(T, Hkv, Hq // Hkv, D)
+        blocks = _blocks(S, chunk)
+
+        def scores(a, b):
+            s = torch.einsum("thgd,shd->hgts", qh, k[a:b].to(acc)) * scale
+            return s if mask is None else s.masked_fill(~mask[:, a:b], float("-inf"))
+
+        lse = None
+        for a, b in blocks:
+            part = torch.logsumexp(scores(a, b), dim=-1)  # [Hkv, g, T]
+            lse = part if lse is None else torch.logaddexp(lse, part)
+        o = 0
+        for a, b in blocks:
+            p = torch.exp(scores(a, b) - lse[..., None])
+            o = o + torch.einsum("hgts,shd->thgd", p, v[a:b].to(acc))
+        o = o.reshape(T, Hq, D)
+        lse = lse.permute(2, 0, 1).reshape(T, Hq)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.mask, ctx.scale, ctx.chunk = mask, scale, chunk
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        mask, scale = ctx.mask, ctx.scale
+        acc = o.dtype
+        T, Hq, D = q.shape
+        S, Hkv = k.shape[0], k.shape[1]
+        g = Hq // Hkv
+
+        def heads(x):  # [T, Hq, ...] -> [Hkv, g, T, ...]
+            return x.reshape(T, Hkv, g, *x.shape[2:]).movedim(0, 2)
+
+        qh = q.to(acc).reshape(T, Hkv, g, D)
+        do = do.to(acc)
+        do_h = do.reshape(T, Hkv, g, D)
+        # d lse_row / d s = p, and the softmax's own term: rowsum(dO * O)
+        delta = heads((do * o).sum(-1) - dlse.to(acc))  # [Hkv, g, T]
+        lse_h = heads(lse)
+        dq = torch.zeros_like(qh)
+        dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+        dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+        for a, b in _blocks(S, ctx.chunk):
+            ka, va = k[a:b].to(acc), v[a:b].to(acc)
+            s = torch.einsum("thgd,shd->hgts", qh, ka) * scale
+            if mask is not None:
+                s = s.masked_fill(~mask[:, a:b], float("-inf"))
+            p = torch.exp(s - lse_h[..., None])
+            dv[a:b] = torch.einsum("hgts,thgd->shd", p, do_h)
+            ds = p * (torch.einsum("thgd,shd->hgts", do_h, va) - delta[..., None]) * scale
+            dq += torch.einsum("hgts,shd->thgd", ds, ka)
+            dk[a:b] = torch.einsum("hgts,thgd->shd", ds, qh)
+        return dq.reshape(T, Hq, D).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
 def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
