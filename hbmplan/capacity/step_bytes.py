@@ -210,10 +210,11 @@ def estimate_step(
             (:mod:`hbmplan.distributed.context_parallel`): the prompt's activations, K/V and
             gradient cache are a ceil((P-1)/cp)-token slice; phase A adds one layer's gathered
             K/V and position mask as working memory; a phase-B microbatch runs on one rank and
-            keeps its partial attention's probabilities per layer (plain PyTorch math, the
-            cheaper exchange by volume: pass-Q [Hq, cp·T, slice] or all-gather [Hq, T, P-1]
-            plus the gathered K/V). Dense schedules: each trajectory split cp ways (PyTorch's
-            ``context_parallel``), its saved tensors divided by cp, transients not modelled.
+            keeps, per layer, its partial attentions' outputs and log-sum-exps and what the
+            cheaper exchange by volume moved (pass-Q: the gathered queries; all-gather: every
+            slice's K/V), working in [Hq, queries, 1024-key] blocks. Dense schedules: each
+            trajectory split cp ways (PyTorch's ``context_parallel``), its saved tensors
+            divided by cp, transients not modelled.
 
     Returns:
         ``{"A", "B", "C"}`` for the reuse schedules, ``{"dense"}`` for the dense ones.
@@ -363,14 +364,18 @@ def _reuse_cp(b, spec, P, lens, tokens_per_microbatch, grad_cache_dtype, cp):
     mb_saved, mb_ws = 0, 0
     for rows, T, N in _shapes(lens, lens, tokens_per_microbatch, True):
         saved, ws = _pass(b, 1, T, 0, N)
-        own = b.hq * T * T * acc
-        pass_q = b.hq * cp * T * Pl * acc + cp * T * b.hq * (D + 1) * acc
-        all_gather = b.hq * T * Pm * acc + b.kv(Pm)
+        partial = T * b.hq * (D + 1) * acc  # one (O, LSE) over T queries
         q_moves = (cp - 1) * T * b.hq * (4 * D + 2)
         kv_moves = (cp - 1) * Pl * 4 * b.hkv * D
-        saved += 4 * (rows + 1) + L * (own + (pass_q if q_moves <= kv_moves else all_gather))
-        if saved + ws > mb_saved + mb_ws:
-            mb_saved, mb_ws = saved, ws
+        if q_moves <= kv_moves:  # the gathered queries, their partials sent and received
+            exchange, queries = cp * T * b.hq * D * b.it + 2 * cp * partial, cp * T
+        else:  # every slice's K/V, and the partial over them
+            exchange, queries = b.kv(Pm) + partial, T
+        # per layer: its own rows' partial, the exchange's, the merge; one key block at a time
+        saved += 4 * (rows + 1) + L * (2 * partial + exchange)
+        block = 3 * b.hq * queries * min(1024, max(Pl, T)) * acc if cuda else 0
+        if saved + ws + block > mb_saved + mb_ws:
+            mb_saved, mb_ws = saved, ws + block
     phase_b = PhaseBytes(
         prompt_activations=graph, prompt_kv=kv, grad_cache=cache, microbatch=mb_saved,
         workspace=mb_ws,
