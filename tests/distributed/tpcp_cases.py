@@ -63,11 +63,7 @@ def _param_diff(a, b) -> float:
 # -- tensor parallel -------------------------------------------------------------------------
 def tp_world(rank: int, world_size: int, ckpt_dir: str) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        RowwiseParallel,
-        parallelize_module,
-    )
+    from torch.distributed.tensor.parallel import parallelize_module
 
     from hbmplan.distributed.tensor_parallel import parallelize, tensor_parallel_plan
 
@@ -158,7 +154,6 @@ def tp_world(rank: int, world_size: int, ckpt_dir: str) -> dict:
         for n in want
         if "q_norm" in n
     )
-    del ColwiseParallel, RowwiseParallel
     return out
 
 
