@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 
 from hbmplan.planner.timeline import Rates
+from hbmplan.token_filter import TokenFilter
 
 __all__ = [
     "ATTENTIONS",
@@ -139,6 +140,18 @@ class ReuseConfig:
     atomic: bool = True
     """:func:`hbmplan.memory` steps restore ``.grad`` if they raise (one gradient-sized buffer
     while gradients accumulate across steps). :func:`reuse_step` alone is never atomic."""
+    # token filtering
+    skip_inert: bool = True
+    """Exact skipping: leave out what the loss declares carries no gradient (``loss_fn.inert``
+    responses, all-inert groups, tails past ``loss_fn.loss_extent``). Gradients are unchanged;
+    never with a MoE router loss on. See :mod:`hbmplan.schedules.skipping`."""
+    check_skips: bool = False
+    """Debug mode: skip nothing, and raise ``ValueError`` where the loss declared a response
+    inert or a tail weightless but its gradient with respect to those log-probs is not zero."""
+    token_filter: TokenFilter | None = None
+    """Collider-style filtering (approximate, opt-in): response tokens the filter drops get zero
+    gradient in every layer's backward, and linear layers' gradients come from the kept rows
+    alone (:mod:`hbmplan.schedules.filtering`, docs/filtering.md). Not with a router loss."""
 
     # tensor and context parallel
     cp_mesh: object | None = None
@@ -176,6 +189,13 @@ class ReuseConfig:
             raise TypeError(f"rates must be an hbmplan Rates, got {type(self.rates).__name__}")
         _check_bool("check_finite", self.check_finite)
         _check_bool("atomic", self.atomic)
+        _check_bool("skip_inert", self.skip_inert)
+        _check_bool("check_skips", self.check_skips)
+        if self.token_filter is not None and not isinstance(self.token_filter, TokenFilter):
+            raise TypeError(
+                f"token_filter must be an hbmplan TokenFilter or None, got "
+                f"{type(self.token_filter).__name__}"
+            )
         self._check_parallel()
 
     def _check_parallel(self) -> None:

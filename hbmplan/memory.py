@@ -7,6 +7,7 @@ measurements ``report()`` prints. The model is never edited; what the block touc
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,6 +15,8 @@ import torch
 from torch import nn
 
 from hbmplan.atomic import GradStash
+from hbmplan.capacity.flops import skipped_flops
+from hbmplan.capacity.presets import model_spec
 from hbmplan.config import (
     Attention,
     CPBalance,
@@ -31,6 +34,7 @@ from hbmplan.runtime.stats import RouterStepStats, StepStats
 from hbmplan.schedules.microbatch import LossFn
 from hbmplan.schedules.reuse import run_step
 from hbmplan.schedules.router import resolve_router_loss
+from hbmplan.token_filter import TokenFilter
 
 __all__ = ["MemoryContext", "Report", "memory", "parse_bytes"]
 
@@ -82,6 +86,15 @@ class Report:
             lines.append(f"plan predicted from the last capture, rescaled ({how})")
         if off is not None and off.plan is not None:
             lines.append(str(off.plan))
+        k = s.skipped
+        if k.responses or k.tokens:
+            flops = f", {k.flops_saved / 1e9:.3g} GFLOP saved" if k.flops_saved is not None else ""
+            lines.append(
+                f"skipped (exact): {k.responses} inert response(s), {k.groups} whole group(s), "
+                f"{k.tokens} response token(s){flops}"
+            )
+        if s.filtered_tokens:
+            lines.append(f"filtered (approximate): {s.filtered_tokens} response token(s)")
         if s.router is not None:
             lines += _router_lines(s.router)
         if self.failed_steps:
@@ -166,6 +179,7 @@ class MemoryContext:
         groups: Sequence[Group],
         loss_fn: LossFn,
         tokens_per_microbatch: int | None = None,
+        token_filter: TokenFilter | None = None,
     ) -> StepStats:
         """Train on ``groups`` with the reuse schedule, like ``loss.backward()``: gradients
         accumulate into ``.grad``. With ``atomic=True`` (the default) a step that raises leaves
@@ -175,12 +189,16 @@ class MemoryContext:
             groups: list of :class:`hbmplan.Group`.
             loss_fn: ``loss_fn(logprobs [S_i], group, i) -> scalar``.
             tokens_per_microbatch: overrides the context's packing budget for this step.
+            token_filter: overrides the context's token filter for this step (``None``: the
+                context's).
         """
         if not self._active:
             raise RuntimeError("step() must run inside `with hbmplan.memory(model) as mem:`")
         config = self.config
         if tokens_per_microbatch is not None:
             config = config.replace(tokens_per_microbatch=tokens_per_microbatch)
+        if token_filter is not None:
+            config = config.replace(token_filter=token_filter)
         stash = GradStash(self.model.parameters()) if config.atomic else None
         try:
             if self._cp is not None:
@@ -196,6 +214,12 @@ class MemoryContext:
             raise
         if stash is not None:
             stash.merge()
+        if stats.skipped.shapes:
+            try:
+                flops = skipped_flops(model_spec(self.model), stats.skipped.shapes)
+            except (TypeError, ValueError):  # a model whose shape the FLOP model cannot read
+                flops = None
+            stats.skipped = dataclasses.replace(stats.skipped, flops_saved=flops)
         self._report.steps += 1
         self._report.last = stats
         return stats
@@ -225,6 +249,9 @@ def memory(
     attention: Attention = "auto",
     deterministic: bool = False,
     participants: Sequence[Participant] = (),
+    skip_inert: bool = True,
+    check_skips: bool = False,
+    token_filter: TokenFilter | None = None,
     cp_mesh: object | None = None,
     cp_exchange: CPExchange = "auto",
     cp_balance: CPBalance = "zigzag",
@@ -243,6 +270,10 @@ def memory(
             "global-batch", "off"; see :mod:`hbmplan.schedules.router`), phase B's attention
             ("auto", "triton", "reference", "padded"; see :mod:`hbmplan.schedules.attention`)
             and a bitwise-reproducible Triton backward.
+        skip_inert, check_skips: exact skipping of what the loss declares carries no gradient,
+            and its debug check (see :mod:`hbmplan.schedules.skipping`).
+        token_filter: Collider-style filtering of response tokens in the backward (approximate,
+            opt-in; see :mod:`hbmplan.token_filter`).
         participants: more phase-hook participants for every step (see
             :mod:`hbmplan.runtime.participant`).
         cp_mesh, cp_exchange, cp_balance: context parallel (a 1-D ``DeviceMesh`` or
@@ -254,6 +285,7 @@ def memory(
         tokens_per_microbatch=tokens_per_microbatch, grad_cache_dtype=grad_cache_dtype,
         check_finite=check_finite, router_loss=router_loss, attention=attention,
         deterministic=deterministic, hbm_budget=hbm_budget, offload=offload, rates=rates,
-        atomic=atomic, cp_mesh=cp_mesh, cp_exchange=cp_exchange, cp_balance=cp_balance,
+        atomic=atomic, skip_inert=skip_inert, check_skips=check_skips, token_filter=token_filter,
+        cp_mesh=cp_mesh, cp_exchange=cp_exchange, cp_balance=cp_balance,
     )  # fmt: skip
     return MemoryContext(model, config, participants)

@@ -48,6 +48,7 @@ def test_config_is_frozen_and_normalised():
     assert set(fields) == {
         "tokens_per_microbatch", "grad_cache_dtype", "check_finite", "router_loss", "attention",
         "deterministic", "hbm_budget", "offload", "rates", "atomic",
+        "skip_inert", "check_skips", "token_filter",  # token filtering
         "cp_mesh", "cp_exchange", "cp_balance",
     }  # fmt: skip
 

@@ -16,7 +16,8 @@ Every CP rank calls the step with the same groups. Per group:
 
 Then each parameter's gradient is summed over the CP ranks (not averaged): every rank ends
 with the full gradient, exactly what one rank running the whole step would hold. Not yet:
-offload, mixture-of-experts router losses, participants (NVTX, metering, offload).
+offload, mixture-of-experts router losses, participants (NVTX, metering, offload), token
+filtering, and skipping inert responses (every response runs: same gradients, no saving).
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def _check(adapter: CausalLMAdapter, config: ReuseConfig) -> None:
         )
     if config.cp_mesh is None:
         raise ValueError("cp_step needs a config with cp_mesh set")
+    if config.token_filter is not None:
+        raise ValueError("token_filter does not run under context parallel yet: give None")
 
 
 def _heads(adapter: CausalLMAdapter, kv: torch.Tensor) -> tuple[int, int, int]:
