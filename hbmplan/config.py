@@ -19,9 +19,11 @@ from hbmplan.planner.timeline import Rates
 
 __all__ = [
     "ATTENTIONS",
+    "GRAD_SYNCS",
     "OFFLOAD_MODES",
     "ROUTER_LOSS_MODES",
     "Attention",
+    "GradSync",
     "OffloadMode",
     "ReuseConfig",
     "RouterLossMode",
@@ -36,6 +38,8 @@ OffloadMode = Literal["auto", "off", "all"]
 OFFLOAD_MODES: tuple[OffloadMode, ...] = ("auto", "off", "all")
 RouterLossMode = Literal["per-trajectory", "global-batch", "off"]
 ROUTER_LOSS_MODES: tuple[RouterLossMode, ...] = ("per-trajectory", "global-batch", "off")
+GradSync = Literal["phase-c", "every-microbatch"]
+GRAD_SYNCS: tuple[GradSync, ...] = ("phase-c", "every-microbatch")
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
@@ -131,6 +135,12 @@ class ReuseConfig:
     atomic: bool = True
     """:func:`hbmplan.memory` steps restore ``.grad`` if they raise (one gradient-sized buffer
     while gradients accumulate across steps). :func:`reuse_step` alone is never atomic."""
+    # data parallel
+    grad_sync: GradSync = "phase-c"
+    """Under FSDP2 (see :mod:`hbmplan.distributed.data_parallel`): reduce-scatter the gradients
+    once per step, after phase C ("phase-c": unsharded gradients held through phase B), or after
+    every backward ("every-microbatch": unsharded gradients freed after each backward, one
+    reduce-scatter per backward). DDP takes only "phase-c". Without data parallelism: unused."""
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTIONS:
@@ -153,6 +163,10 @@ class ReuseConfig:
             raise TypeError(f"rates must be an hbmplan Rates, got {type(self.rates).__name__}")
         _check_bool("check_finite", self.check_finite)
         _check_bool("atomic", self.atomic)
+        if self.grad_sync not in GRAD_SYNCS:
+            raise ValueError(
+                f"grad_sync must be 'phase-c' or 'every-microbatch', got {self.grad_sync!r}"
+            )
 
     @property
     def offloads(self) -> bool:

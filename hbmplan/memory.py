@@ -14,7 +14,16 @@ import torch
 from torch import nn
 
 from hbmplan.atomic import GradStash
-from hbmplan.config import Attention, OffloadMode, ReuseConfig, RouterLossMode, parse_bytes
+from hbmplan.config import (
+    Attention,
+    GradSync,
+    OffloadMode,
+    ReuseConfig,
+    RouterLossMode,
+    parse_bytes,
+)
+from hbmplan.distributed.data_parallel import data_parallel, unwrap
+from hbmplan.distributed.step_hooks import DataParallelParticipant
 from hbmplan.group import Group
 from hbmplan.models.adapter import CausalLMAdapter, adapt, model_device
 from hbmplan.planner import Rates
@@ -76,6 +85,8 @@ class Report:
             lines.append(str(off.plan))
         if s.router is not None:
             lines += _router_lines(s.router)
+        if s.data_parallel is not None:
+            lines.append(str(s.data_parallel))
         if self.failed_steps:
             lines.append(f"{self.failed_steps} step(s) failed and were rolled back")
         return "\n".join(lines)
@@ -113,7 +124,12 @@ class MemoryContext:
     ) -> None:
         if not isinstance(config, ReuseConfig):
             raise TypeError(f"config must be an hbmplan ReuseConfig, got {type(config).__name__}")
-        self.adapter: CausalLMAdapter = adapt(model)
+        self.data_parallel = (
+            data_parallel(model, config.grad_sync) if isinstance(model, nn.Module) else None
+        )
+        self.adapter: CausalLMAdapter = adapt(
+            unwrap(model) if isinstance(model, nn.Module) else model
+        )
         resolve_router_loss(config.router_loss, self.adapter.router)
         self.config = config
         self.model = self.adapter.model
@@ -121,6 +137,10 @@ class MemoryContext:
             model_device(self.adapter), config
         )
         self._participants = [*offload, *participants]
+        self._dp_part = None
+        if self.data_parallel is not None:
+            self._dp_part = DataParallelParticipant(self.data_parallel)
+            self._participants.append(self._dp_part)
         self._report = Report()
         self._active = False
         self._saved_state: tuple[dict[nn.Module, bool], dict[nn.Parameter, bool]] | None = None
@@ -151,15 +171,26 @@ class MemoryContext:
         groups: Sequence[Group],
         loss_fn: LossFn,
         tokens_per_microbatch: int | None = None,
+        *,
+        sync: bool = True,
     ) -> StepStats:
         """Train on ``groups`` with the reuse schedule, like ``loss.backward()``: gradients
         accumulate into ``.grad``. With ``atomic=True`` (the default) a step that raises leaves
         every ``.grad`` exactly as it was and the exception propagates.
 
+        Under FSDP2 or DDP every rank calls ``step`` with its own groups (a group never spans
+        ranks) and the same ``sync``; afterwards every rank holds the gradients of the union of
+        all ranks' groups divided by the world size. A step that fails on one rank raises on
+        every rank (:class:`hbmplan.errors.RankFailureError` where it succeeded, its own error
+        where it failed) and every rank's gradients are restored.
+
         Args:
             groups: list of :class:`hbmplan.Group`.
             loss_fn: ``loss_fn(logprobs [S_i], group, i) -> scalar``.
             tokens_per_microbatch: overrides the context's packing budget for this step.
+            sync: data parallel only: reduce the gradients across ranks after this step
+                (``True``), or accumulate them locally (``False``; the next ``sync=True`` step
+                reduces the accumulated total once). Without data parallelism: ignored.
         """
         if not self._active:
             raise RuntimeError("step() must run inside `with hbmplan.memory(model) as mem:`")
@@ -167,8 +198,20 @@ class MemoryContext:
         if tokens_per_microbatch is not None:
             config = config.replace(tokens_per_microbatch=tokens_per_microbatch)
         stash = GradStash(self.model.parameters()) if config.atomic else None
+        dp = self.data_parallel
+        if self._dp_part is not None:
+            self._dp_part.prepare(sync)
         try:
-            stats = run_step(self.adapter, groups, loss_fn, config, self._participants)
+            try:
+                stats = run_step(self.adapter, groups, loss_fn, config, self._participants)
+            except BaseException as exc:
+                if dp is not None:  # every rank votes, also one that failed before the step began
+                    if not dp._active:
+                        dp.begin(0, sync)
+                    dp.end(False, exc)
+                raise
+            if dp is not None:
+                dp.end(True, None)  # raises when another rank failed
         except BaseException:
             if stash is not None:
                 stash.restore()
@@ -176,6 +219,9 @@ class MemoryContext:
             raise
         if stash is not None:
             stash.merge()
+        if dp is not None:
+            dp.after_merge(sync)
+            stats.data_parallel = dp.stats
         self._report.steps += 1
         self._report.last = stats
         return stats
@@ -199,6 +245,7 @@ def memory(
     attention: Attention = "auto",
     deterministic: bool = False,
     participants: Sequence[Participant] = (),
+    grad_sync: GradSync = "phase-c",
 ) -> MemoryContext:
     """Wrap ``model`` for reuse-schedule training.
 
@@ -216,11 +263,18 @@ def memory(
             and a bitwise-reproducible Triton backward.
         participants: more phase-hook participants for every step (see
             :mod:`hbmplan.runtime.participant`).
+        grad_sync: for an FSDP2 model, when gradients are reduce-scattered: "phase-c" (once per
+            step) or "every-microbatch" (after every backward); see
+            :class:`hbmplan.ReuseConfig`. A DDP model takes "phase-c" only.
+
+    A model wrapped with ``fully_shard`` (each decoder layer and the root) or
+    ``DistributedDataParallel`` trains data-parallel: see :meth:`MemoryContext.step` and
+    :mod:`hbmplan.distributed.data_parallel`.
     """
     config = ReuseConfig(
         tokens_per_microbatch=tokens_per_microbatch, grad_cache_dtype=grad_cache_dtype,
         check_finite=check_finite, router_loss=router_loss, attention=attention,
         deterministic=deterministic, hbm_budget=hbm_budget, offload=offload, rates=rates,
-        atomic=atomic,
+        atomic=atomic, grad_sync=grad_sync,
     )  # fmt: skip
     return MemoryContext(model, config, participants)

@@ -77,6 +77,8 @@ class StepStats:
     """The router loss and per-expert token counts (MoE models with a router loss on)."""
     offload: Any = None
     """:class:`hbmplan.runtime.offload.OffloadReport` when the step planned offload."""
+    data_parallel: Any = None
+    """:class:`hbmplan.distributed.data_parallel.DataParallelStats` under FSDP2 or DDP."""
 
     def record_peak(self, phase: str, nbytes: int) -> None:
         """Raise phase ``phase``'s peak to ``nbytes`` if it is higher (held-tensor metering)."""
