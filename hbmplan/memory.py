@@ -203,7 +203,11 @@ class MemoryContext:
             self._dp_part.prepare(sync)
         try:
             try:
-                stats = run_step(self.adapter, groups, loss_fn, config, self._participants)
+                if dp is not None and not groups:  # no work here: join the others' collectives
+                    dp.begin(0, sync)
+                    stats = StepStats("reuse")
+                else:
+                    stats = run_step(self.adapter, groups, loss_fn, config, self._participants)
             except BaseException as exc:
                 if dp is not None:  # every rank votes, also one that failed before the step began
                     if not dp._active:

@@ -235,8 +235,29 @@ def refusals(rank, world) -> list[str]:
     return out
 
 
+def empty_rank(rank, world, engine, grad_sync="phase-c") -> float:
+    """Rank 1 has no group (``mem.step([])``): it joins the collectives with no work."""
+    base = make_model("reference")
+    ref = copy.deepcopy(base)
+    hbmplan.schedules.dense_step(ref, groups_of(0), pg_loss)
+    want = {n: p.grad / world for n, p in ref.named_parameters()}
+    model = copy.deepcopy(base)
+    wrapped = wrap(model, engine, (world,))
+    with hbmplan.memory(wrapped, tokens_per_microbatch=8, grad_sync=grad_sync) as mem:
+        mem.step(groups_of(0) if rank == 0 else [], pg_loss)
+    return max_rel_diff(grads(model), want)
+
+
+def token_count(rank, world) -> int:
+    from hbmplan.distributed import global_token_count
+
+    return global_token_count(groups_of(rank))
+
+
 def fsdp_world(rank: int, world: int) -> dict:
     return {
+        "empty-rank": empty_rank(rank, world, "fsdp2", grad_sync="every-microbatch"),
+        "tokens": token_count(rank, world),
         "reference": exact(rank, world, "fsdp2"),
         "reference/every-microbatch": exact(rank, world, "fsdp2", grad_sync="every-microbatch"),
         "qwen3": exact(rank, world, "fsdp2", kind="Qwen3"),
@@ -258,6 +279,7 @@ def fsdp_world(rank: int, world: int) -> dict:
 
 def ddp_world(rank: int, world: int) -> dict:
     return {
+        "empty-rank": empty_rank(rank, world, "ddp"),
         "reference": exact(rank, world, "ddp"),
         "qwen3": exact(rank, world, "ddp", kind="Qwen3"),
         "accumulate": accumulate(rank, world, "ddp"),

@@ -108,3 +108,19 @@ def test_four_ranks_hsdp_and_fsdp2_equal_dense():
     results = run_ranks(dp_cases.hsdp_world, 4, timeout_s=240, collective_s=60)
     for r in results:
         assert r["hsdp"] <= EXACT and r["fsdp"] <= EXACT
+
+
+@pytest.mark.xdist_group("dp-fsdp")
+def test_fsdp2_a_rank_without_groups_joins_with_no_work(fsdp):
+    assert all(d <= EXACT for d in _each(fsdp, "empty-rank"))
+
+
+@pytest.mark.xdist_group("dp-ddp")
+def test_ddp_a_rank_without_groups_joins_with_no_work(ddp):
+    assert all(d <= EXACT for d in _each(ddp, "empty-rank"))
+
+
+@pytest.mark.xdist_group("dp-fsdp")
+def test_global_token_count_sums_every_rank(fsdp):
+    want = sum(sum(g.response_lens) for g in dp_cases.union(2))
+    assert _each(fsdp, "tokens") == [want, want]
