@@ -171,6 +171,7 @@ class FSDP2Sync:
         self._pending = False  # a sync=False step left unsharded gradients to reduce
         self._target = 0
         self._done = 0
+        self._native = False
         self._active = False
         self.stats: DataParallelStats | None = None
 
@@ -211,6 +212,11 @@ class FSDP2Sync:
             count = torch.tensor([planned_backwards], device=collective_device(self.group))
             dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.group)
             self._target = int(count.item())
+        self._native = bool(self._target)
+        root_state._state_ctx.is_last_backward = self._native  # autograd's callbacks then wait
+        if self._native:  # FSDP2's hooks reduce-scatter each unit as its backward finishes
+            for g in self._param_groups:
+                g.reduce_grads = g.all_reduce_grads = True
         for unit in self.units:  # the same order on every rank
             unit.unshard()
         gathered = sum(_unsharded_bytes(g) for g in self._param_groups)
@@ -218,11 +224,33 @@ class FSDP2Sync:
         self.stats.all_gather_bytes = self.stats.unsharded_param_bytes = gathered
 
     def after_backward(self) -> None:
-        """After a backward: FSDP2's end-of-backward bookkeeping (the root's callback, which
-        may not have been queued), and for ``"every-microbatch"`` one reduce-scatter."""
-        _state(self.root)._root_post_backward_final_callback()
-        if self.sync and self.grad_sync == "every-microbatch":
-            self._reduce()
+        """After a backward: FSDP2's end-of-backward bookkeeping (the root's callback, when
+        autograd did not run it: the root's forward never ran), and for ``"every-microbatch"``
+        the wait on that backward's reduce-scatters (FSDP2's hooks issued them per unit as each
+        unit's backward finished)."""
+        every = self.sync and self.grad_sync == "every-microbatch"
+        if every:
+            for g in self._param_groups:
+                self.stats.reduce_bytes += _unsharded_bytes(g, reduce=True)
+                self.stats.reductions += 1
+        self._finish_backward(wait=every)
+        if every:
+            self._done += 1
+
+    def _finish_backward(self, wait: bool) -> None:
+        """Run the root's end-of-backward callback unless autograd already did (it does when
+        the root's forward ran: its output hooks queue it); ``wait``: as the last backward, so
+        that it waits on the reduce-scatters."""
+        from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+
+        if all(g._training_state == TrainingState.IDLE for g in self._param_groups):
+            return
+        ctx = _state(self.root)._state_ctx
+        ctx.is_last_backward = wait
+        try:
+            _state(self.root)._root_post_backward_final_callback()
+        finally:
+            ctx.is_last_backward = self._native
 
     def _reduce(self) -> None:
         """Reduce-scatter every unit's unsharded gradients into the sharded ``.grad`` (zeros
@@ -238,9 +266,9 @@ class FSDP2Sync:
         try:
             root_state._root_post_backward_final_callback()  # waits on the reductions
         finally:
-            root_state._state_ctx.is_last_backward = False
+            root_state._state_ctx.is_last_backward = self._native
             for g in groups:
-                g.reduce_grads = g.all_reduce_grads = False
+                g.reduce_grads = g.all_reduce_grads = self._native
         self._done += 1
 
     def _drop_fresh(self) -> None:
@@ -277,14 +305,19 @@ class FSDP2Sync:
             return
         self._active = False
         root_state = _state(self.root)
+        self._native = False
+        root_state._state_ctx.is_last_backward = False
+        for g in self._param_groups:
+            g.reduce_grads = g.all_reduce_grads = False
         try:
             with contextlib.suppress(Exception):  # a failed backward left hooks mid-flight
-                root_state._root_post_backward_final_callback()
+                self._finish_backward(wait=False)
             if self.sync and self.grad_sync == "every-microbatch" and self._done < self._target:
                 if not ok:
                     self._drop_fresh()  # keep the collective sequence with zeros
                 while self._done < self._target:
                     self._reduce()
+            self._target = 0
             failed = vote(ok, error, self.group)
             if failed:
                 self._restore_stash()
