@@ -10,7 +10,8 @@ runs FSDP2's own hooks (each microbatch's forward and backward all-gather every 
 sync off, then one reduce-scatter per unit at the end, as a trainer accumulating over
 microbatches does); reuse runs through ``hbmplan.memory``. Peak activation bytes are the
 schedules' held-tensor counts on CPU (``StepStats``), the CUDA allocator's on GPU. Gradient
-bytes held: the most unsharded + sharded gradient bytes present at any backward boundary.
+bytes held: the most unsharded + sharded gradient bytes present at a backward boundary (within
+one backward, "every-microbatch" and FSDP2's own sync also hold one unit's unsharded gradients).
 Times: median of ``--repeats`` after one warm-up, slowest rank.
 """
 
@@ -90,13 +91,15 @@ def grad_bytes(model: torch.nn.Module) -> int:
             seen.add(id(g))
             for p in g.fsdp_params:
                 u = getattr(p, "_unsharded_param", None)
-                for t in (u.grad if u is not None else None, p.unsharded_accumulated_grad):
+                sharded = p.sharded_param.grad
+                sharded = sharded.to_local() if sharded is not None else None
+                for t in (u.grad if u is not None else None, p.unsharded_accumulated_grad, sharded):
                     if t is not None:
-                        tensors[t.untyped_storage().data_ptr()] = t
+                        tensors[(t.data_ptr(), t.numel())] = t
     for p in model.parameters():  # while unsharded, these are the tensors above: counted once
         if p.grad is not None:
             g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-            tensors[g.untyped_storage().data_ptr()] = g
+            tensors[(g.data_ptr(), g.numel())] = g
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
@@ -139,10 +142,11 @@ def shard(model, device):
     return model
 
 
-def dense_fsdp_step(model, groups, tpm):
+def dense_fsdp_step(model, groups, tpm, meter):
     """A trainer's step under FSDP2: sync off through the microbatches, one reduce at the end."""
     model.set_requires_gradient_sync(False)
     stats = hbmplan.schedules.dense_step(model, groups, loss_fn, tokens_per_microbatch=tpm)
+    meter.peak = max(meter.peak, grad_bytes(model))  # the unsharded gradients, before the reduce
     model.set_requires_gradient_sync(True)
     model.set_is_last_backward(True)
     state = model._get_fsdp_state()
@@ -157,7 +161,7 @@ def dense_fsdp_step(model, groups, tpm):
     return stats
 
 
-def dense_ddp_step(ddp, groups, tpm):
+def dense_ddp_step(ddp, groups, tpm, meter):
     """DDP's own accumulation: ``no_sync`` for all groups but the last... DDP cannot sync a
     dense_step whose forward is the wrapped module's; hbmplan's reducer does it instead."""
     from hbmplan.distributed.data_parallel import DDPSync
@@ -245,9 +249,9 @@ def main() -> None:
                     if mem is not None:
                         stats = mem.step(groups, loss_fn)
                     elif engine == "ddp":
-                        stats = dense_ddp_step(wrapped, groups, tpm)
+                        stats = dense_ddp_step(wrapped, groups, tpm, meter)
                     else:
-                        stats = dense_fsdp_step(wrapped, groups, tpm)
+                        stats = dense_fsdp_step(wrapped, groups, tpm, meter)
                     if cuda:
                         torch.cuda.synchronize()
                     seconds = time.perf_counter() - t0
@@ -279,7 +283,7 @@ def main() -> None:
             del wrapped, model
     if rank == 0:
         head = ["variant", "all-gathers: calls / MiB", "reductions: calls / MiB",
-                "gradient MiB held (peak)", "peak MiB (activations)" if not cuda else "peak MiB (allocator)",
+                "gradient MiB held between backwards (peak)", "peak MiB (activations)" if not cuda else "peak MiB (allocator)",
                 "step ms median (range)"]  # fmt: skip
         params = sum(p.numel() for p in base.parameters())
         lines = [
