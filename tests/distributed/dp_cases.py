@@ -248,6 +248,49 @@ def empty_rank(rank, world, engine, grad_sync="phase-c") -> float:
     return max_rel_diff(grads(model), want)
 
 
+def mixed_precision(rank, world) -> str:
+    """FSDP2 with MixedPrecisionPolicy(bf16 params, fp32 reduce) on an fp32 model, by the
+    tolerance rule against fp64 dense (bf16 dense as the baseline's error); "" when it holds."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from tests.helpers import assert_tolerance_rule
+
+    base = tiny_reference(dtype=torch.float32)
+    want = dense_grads(base.double(), world)
+    dense = dense_grads(copy.deepcopy(base).to(torch.bfloat16), world)
+    model = copy.deepcopy(base).float()
+    mesh = init_device_mesh("cpu", (world,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    with hbmplan.memory(model, tokens_per_microbatch=8) as mem:
+        mem.step(groups_of(rank), pg_loss)
+    try:
+        assert_tolerance_rule(grads(model), dense, want)
+    except AssertionError as exc:
+        return str(exc)
+    return ""
+
+
+def readme(rank, world) -> str:
+    """The README's "Many GPUs" example, as written, inside this world."""
+    import contextlib
+    import io
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (block,) = [
+        b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "fully_shard(" in b
+    ]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})
+    return out.getvalue()
+
+
 def token_count(rank, world) -> int:
     from hbmplan.distributed import global_token_count
 
@@ -258,6 +301,8 @@ def fsdp_world(rank: int, world: int) -> dict:
     return {
         "empty-rank": empty_rank(rank, world, "fsdp2", grad_sync="every-microbatch"),
         "tokens": token_count(rank, world),
+        "bf16-mixed": mixed_precision(rank, world),
+        "readme": readme(rank, world),
         "reference": exact(rank, world, "fsdp2"),
         "reference/every-microbatch": exact(rank, world, "fsdp2", grad_sync="every-microbatch"),
         "qwen3": exact(rank, world, "fsdp2", kind="Qwen3"),

@@ -124,3 +124,15 @@ def test_ddp_a_rank_without_groups_joins_with_no_work(ddp):
 def test_global_token_count_sums_every_rank(fsdp):
     want = sum(sum(g.response_lens) for g in dp_cases.union(2))
     assert _each(fsdp, "tokens") == [want, want]
+
+
+@pytest.mark.xdist_group("dp-fsdp")
+def test_fsdp2_bf16_mixed_precision_by_the_tolerance_rule(fsdp):
+    assert _each(fsdp, "bf16-mixed") == ["", ""]
+
+
+@pytest.mark.xdist_group("dp-fsdp")
+def test_the_readme_many_gpus_example_runs_on_two_ranks(fsdp):
+    out = _each(fsdp, "readme")
+    assert "data parallel: fsdp2, rank 0 of 2" in out[0]
+    assert "data parallel: fsdp2, rank 1 of 2" in out[1]
