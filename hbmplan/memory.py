@@ -22,7 +22,7 @@ from hbmplan.config import (
     RouterLossMode,
     parse_bytes,
 )
-from hbmplan.distributed.data_parallel import data_parallel, unwrap
+from hbmplan.distributed.data_parallel import all_ranks, data_parallel, unwrap
 from hbmplan.distributed.step_hooks import DataParallelParticipant
 from hbmplan.group import Group
 from hbmplan.models.adapter import CausalLMAdapter, adapt, model_device
@@ -226,6 +226,7 @@ class MemoryContext:
         if dp is not None:
             dp.after_merge(sync)
             stats.data_parallel = dp.stats
+            all_ranks(dp.stats, stats.seconds, stats.peak_bytes, dp.group)
         self._report.steps += 1
         self._report.last = stats
         return stats

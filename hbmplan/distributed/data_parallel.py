@@ -49,6 +49,7 @@ __all__ = [
     "DDPSync",
     "DataParallelStats",
     "FSDP2Sync",
+    "all_ranks",
     "data_parallel",
     "unwrap",
 ]
@@ -73,6 +74,12 @@ class DataParallelStats:
     """Unsharded gradient bytes entering the reduce-scatters or all-reduces."""
     unsharded_param_bytes: int = 0
     """Parameter bytes held unsharded through the step (FSDP2)."""
+    slowest_seconds: float = 0.0
+    """All ranks: the slowest rank's step time."""
+    largest_peak_bytes: int = 0
+    """All ranks: the largest phase peak of any rank."""
+    most_reduce_bytes: int = 0
+    """All ranks: the most gradient bytes any rank reduced."""
 
     def __str__(self) -> str:
         mib = 2**20
@@ -81,8 +88,22 @@ class DataParallelStats:
             f"data parallel: {self.engine}, rank {self.rank} of {self.world_size}, {sync}: "
             f"{self.all_gathers} all-gathers {self.all_gather_bytes / mib:.1f} MiB, "
             f"{self.reductions} reductions {self.reduce_bytes / mib:.1f} MiB (from parameter "
-            f"sizes), unsharded parameters held {self.unsharded_param_bytes / mib:.1f} MiB"
+            f"sizes), unsharded parameters held {self.unsharded_param_bytes / mib:.1f} MiB\n"
+            f"all ranks: slowest step {self.slowest_seconds * 1e3:.1f} ms, largest peak "
+            f"{self.largest_peak_bytes / mib:.1f} MiB, most reduced {self.most_reduce_bytes / mib:.1f} MiB"
         )
+
+
+def all_ranks(stats: DataParallelStats, seconds: float, peak: int, group=None) -> None:
+    """Fill ``stats``' all-rank figures: one all-reduce (max) over every rank."""
+    t = torch.tensor(
+        [seconds, float(peak), float(stats.reduce_bytes)],
+        dtype=torch.float64,
+        device=collective_device(group),
+    )
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    stats.slowest_seconds = float(t[0])
+    stats.largest_peak_bytes, stats.most_reduce_bytes = int(t[1]), int(t[2])
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -337,6 +337,5 @@ def ddp_world(rank: int, world: int) -> dict:
 
 def hsdp_world(rank: int, world: int) -> dict:
     return {
-        "hsdp": exact(rank, world, "fsdp2", mesh=(2, world // 2)),
-        "fsdp": exact(rank, world, "fsdp2", grad_sync="every-microbatch"),
+        "hsdp": exact(rank, world, "fsdp2", mesh=(2, world // 2), grad_sync="every-microbatch"),
     }

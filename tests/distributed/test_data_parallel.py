@@ -104,10 +104,9 @@ def test_unsupported_wrapping_is_refused_with_a_typed_error(fsdp):
     assert all(r == ["DataParallelError"] * 3 for r in _each(fsdp, "refusals"))
 
 
-def test_four_ranks_hsdp_and_fsdp2_equal_dense():
+def test_four_ranks_hsdp_every_microbatch_equals_dense():
     results = run_ranks(dp_cases.hsdp_world, 4, timeout_s=240, collective_s=60)
-    for r in results:
-        assert r["hsdp"] <= EXACT and r["fsdp"] <= EXACT
+    assert all(r["hsdp"] <= EXACT for r in results)
 
 
 @pytest.mark.xdist_group("dp-fsdp")
