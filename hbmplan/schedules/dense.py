@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -38,6 +38,7 @@ def dense_step(
     *,
     check_finite: bool = False,
     router_loss: RouterLossMode = "per-trajectory",
+    after_backward: Callable[[], None] | None = None,
 ) -> StepStats:
     """One step of the dense trainer; gradients accumulate into ``.grad``.
 
@@ -50,6 +51,9 @@ def dense_step(
     trajectory's ``coef * aux`` computed over its own tokens (padding excluded: the loss of the
     trajectory as its own forward), "global-batch" one loss over all tokens of the step (after a
     counting pass over the same microbatches), "off" nothing.
+
+    ``after_backward`` is called after each microbatch's backward (a data-parallel driver: see
+    :func:`hbmplan.distributed.dense_step`).
     """
     adapter = adapt(model)
     check_tokens_per_microbatch(tokens_per_microbatch)
@@ -93,6 +97,8 @@ def dense_step(
                         if capture is not None:
                             clock.sample("dense", capture.peak_nbytes)
                         loss.backward()
+                        if after_backward is not None:
+                            after_backward()
                     finally:
                         logits.clear()
                         if capture is not None:

@@ -291,6 +291,19 @@ def readme(rank, world) -> str:
     return out.getvalue()
 
 
+def dense_dp(rank, world, engine, kind="reference", grad_sync="phase-c") -> float:
+    """hbmplan.distributed.dense_step on each rank's own groups (unequal microbatch counts)."""
+    from hbmplan.distributed import dense_step
+
+    base = make_model(kind)
+    want = dense_grads(base, world)
+    model = copy.deepcopy(base)
+    wrapped = wrap(model, engine, (world,))
+    stats = dense_step(wrapped, groups_of(rank), pg_loss, 40, grad_sync=grad_sync)
+    assert stats.data_parallel is not None
+    return max_rel_diff(grads(model), want)
+
+
 def token_count(rank, world) -> int:
     from hbmplan.distributed import global_token_count
 
@@ -302,6 +315,8 @@ def fsdp_world(rank: int, world: int) -> dict:
         "empty-rank": empty_rank(rank, world, "fsdp2", grad_sync="every-microbatch"),
         "tokens": token_count(rank, world),
         "bf16-mixed": mixed_precision(rank, world),
+        "dense": dense_dp(rank, world, "fsdp2", kind="Qwen3"),
+        "dense/every-microbatch": dense_dp(rank, world, "fsdp2", grad_sync="every-microbatch"),
         "readme": readme(rank, world),
         "reference": exact(rank, world, "fsdp2"),
         "reference/every-microbatch": exact(rank, world, "fsdp2", grad_sync="every-microbatch"),
@@ -325,6 +340,7 @@ def fsdp_world(rank: int, world: int) -> dict:
 def ddp_world(rank: int, world: int) -> dict:
     return {
         "empty-rank": empty_rank(rank, world, "ddp"),
+        "dense": dense_dp(rank, world, "ddp"),
         "reference": exact(rank, world, "ddp"),
         "qwen3": exact(rank, world, "ddp", kind="Qwen3"),
         "accumulate": accumulate(rank, world, "ddp"),

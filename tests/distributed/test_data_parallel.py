@@ -135,3 +135,14 @@ def test_the_readme_many_gpus_example_runs_on_two_ranks(fsdp):
     out = _each(fsdp, "readme")
     assert "data parallel: fsdp2, rank 0 of 2" in out[0]
     assert "data parallel: fsdp2, rank 1 of 2" in out[1]
+
+
+@pytest.mark.xdist_group("dp-fsdp")
+@pytest.mark.parametrize("case, bound", [("dense", HF), ("dense/every-microbatch", EXACT)])
+def test_fsdp2_dense_step_equals_dense_on_the_union(fsdp, case, bound):
+    assert all(d <= bound for d in _each(fsdp, case)), _each(fsdp, case)
+
+
+@pytest.mark.xdist_group("dp-ddp")
+def test_ddp_dense_step_equals_dense_on_the_union(ddp):
+    assert all(d <= EXACT for d in _each(ddp, "dense"))
