@@ -22,7 +22,12 @@ from hbmplan.config import (
     RouterLossMode,
     parse_bytes,
 )
-from hbmplan.distributed.data_parallel import all_ranks, data_parallel, unwrap
+from hbmplan.distributed.data_parallel import (
+    all_ranks,
+    data_parallel,
+    sum_router_counts,
+    unwrap,
+)
 from hbmplan.distributed.step_hooks import DataParallelParticipant
 from hbmplan.group import Group
 from hbmplan.models.adapter import CausalLMAdapter, adapt, model_device
@@ -205,6 +210,7 @@ class MemoryContext:
             try:
                 if dp is not None and not groups:  # no work here: join the others' collectives
                     dp.begin(0, sync)
+                    self._join_router_counts(config)
                     stats = StepStats("reuse")
                 else:
                     stats = run_step(self.adapter, groups, loss_fn, config, self._participants)
@@ -212,6 +218,7 @@ class MemoryContext:
                 if dp is not None:  # every rank votes, also one that failed before the step began
                     if not dp._active:
                         dp.begin(0, sync)
+                    self._join_router_counts(config)
                     dp.end(False, exc)
                 raise
             if dp is not None:
@@ -230,6 +237,16 @@ class MemoryContext:
         self._report.steps += 1
         self._report.last = stats
         return stats
+
+    def _join_router_counts(self, config: ReuseConfig) -> None:
+        """A rank with no groups, or one that failed before its counting pass, still joins the
+        ranks' sum of global-batch router counts (the collective sequence stays the same)."""
+        part = self._dp_part
+        if part is None or part.counted:
+            return
+        if config.router_loss == "global-batch" and self.adapter.router is not None:
+            part.counted = True
+            sum_router_counts(None, 0, part.engine.group)
 
     def report(self) -> Report:
         """Measurements so far: per-phase time and peak memory, K/V and gradient-cache bytes."""

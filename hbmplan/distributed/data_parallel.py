@@ -51,6 +51,7 @@ __all__ = [
     "FSDP2Sync",
     "all_ranks",
     "data_parallel",
+    "sum_router_counts",
     "unwrap",
 ]
 
@@ -361,6 +362,25 @@ class FSDP2Sync:
 
     def after_merge(self, sync: bool) -> None:
         """Nothing: FSDP2 reduced inside :meth:`end`."""
+
+
+def sum_router_counts(
+    counts: torch.Tensor | None, tokens: int, group: dist.ProcessGroup | None = None
+) -> tuple[torch.Tensor | None, int]:
+    """A mixture-of-experts step's global-batch counts int64 [L, E] and tokens, summed over
+    every rank: "global-batch" then means all ranks' tokens. A rank without groups passes
+    ``None`` and 0 (and gets ``None`` back). Two all-reduces: the size, then the sums."""
+    device = collective_device(group)
+    size = torch.tensor([0 if counts is None else counts.numel()], device=device)
+    dist.all_reduce(size, op=dist.ReduceOp.MAX, group=group)
+    flat = torch.zeros(int(size.item()) + 1, dtype=torch.int64, device=device)
+    if counts is not None:
+        flat[:-1] = counts.reshape(-1).to(device=device, dtype=torch.int64)
+    flat[-1] = tokens
+    dist.all_reduce(flat, group=group)
+    if counts is None:
+        return None, int(flat[-1])
+    return flat[:-1].view(counts.shape).to(counts.device), int(flat[-1])
 
 
 def _unsharded_bytes(group: Any, reduce: bool = False) -> int:

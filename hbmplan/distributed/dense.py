@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from torch import nn
 
 from hbmplan.config import GradSync, RouterLossMode
-from hbmplan.distributed.data_parallel import data_parallel, unwrap
+from hbmplan.distributed.data_parallel import data_parallel, sum_router_counts, unwrap
 from hbmplan.group import Group
+from hbmplan.models.adapter import adapt
 from hbmplan.runtime.stats import StepStats
 from hbmplan.schedules.dense import dense_step as _dense_step
 from hbmplan.schedules.microbatch import LossFn, pack_rows
@@ -46,17 +47,28 @@ def dense_step(
         for g in groups
     )
     engine.begin(planned, sync)
+    global_batch = router_loss == "global-batch" and adapt(module).router is not None
+    counted = []
+
+    def router_counts(counts, tokens):
+        counted.append(True)
+        return sum_router_counts(counts, tokens, engine.group)
+
     try:
         if groups:
             stats = _dense_step(
                 module, groups, loss_fn, tokens_per_microbatch,
-                after_backward=engine.after_backward, **kw,
+                after_backward=engine.after_backward, router_counts=router_counts, **kw,
             )  # fmt: skip
         else:
             stats = StepStats("dense")
     except BaseException as exc:
+        if global_batch and not counted:  # keep the ranks' collective sequence
+            sum_router_counts(None, 0, engine.group)
         engine.end(False, exc)
         raise
+    if global_batch and not counted:  # no groups here
+        sum_router_counts(None, 0, engine.group)
     engine.end(True, None)
     engine.after_merge(sync)
     stats.data_parallel = engine.stats

@@ -5,7 +5,9 @@ the step, in :class:`hbmplan.MemoryContext`, on success and failure alike."""
 
 from __future__ import annotations
 
-from hbmplan.distributed.data_parallel import DDPSync, FSDP2Sync
+import torch
+
+from hbmplan.distributed.data_parallel import DDPSync, FSDP2Sync, sum_router_counts
 from hbmplan.runtime.participant import GroupContext, MicrobatchContext, Participant, StepContext
 
 __all__ = ["DataParallelParticipant", "planned_backwards"]
@@ -26,10 +28,12 @@ class DataParallelParticipant(Participant):
     def __init__(self, engine: FSDP2Sync | DDPSync) -> None:
         self.engine = engine
         self.sync = True
+        self.counted = False
 
     def prepare(self, sync: bool) -> None:
         """The next step reduces gradients (``True``) or only accumulates them."""
         self.sync = sync
+        self.counted = False
 
     @property
     def started(self) -> bool:
@@ -38,6 +42,13 @@ class DataParallelParticipant(Participant):
 
     def begin_step(self, ctx: StepContext) -> None:
         self.engine.begin(planned_backwards(ctx), self.sync)
+
+    def router_counts(
+        self, ctx: StepContext, counts: torch.Tensor, tokens: int
+    ) -> tuple[torch.Tensor, int]:
+        """Global-batch router counts over every rank's tokens."""
+        self.counted = True
+        return sum_router_counts(counts, tokens, self.engine.group)
 
     def after_microbatch(self, ctx: MicrobatchContext) -> None:
         if ctx.microbatch.indices:

@@ -39,6 +39,7 @@ def dense_step(
     check_finite: bool = False,
     router_loss: RouterLossMode = "per-trajectory",
     after_backward: Callable[[], None] | None = None,
+    router_counts: Callable[[torch.Tensor, int], tuple[torch.Tensor, int]] | None = None,
 ) -> StepStats:
     """One step of the dense trainer; gradients accumulate into ``.grad``.
 
@@ -52,8 +53,9 @@ def dense_step(
     trajectory as its own forward), "global-batch" one loss over all tokens of the step (after a
     counting pass over the same microbatches), "off" nothing.
 
-    ``after_backward`` is called after each microbatch's backward (a data-parallel driver: see
-    :func:`hbmplan.distributed.dense_step`).
+    ``after_backward`` is called after each microbatch's backward, ``router_counts(counts,
+    tokens)`` may revise the global-batch counts after the counting pass (a data-parallel
+    driver: see :func:`hbmplan.distributed.dense_step`).
     """
     adapter = adapt(model)
     check_tokens_per_microbatch(tokens_per_microbatch)
@@ -70,7 +72,8 @@ def dense_step(
     try:
         if router is not None and router.mode == "global-batch":
             with clock.phase("count"):
-                router.set_global(*count_dense(adapter, spec, groups, tokens_per_microbatch))
+                counts = count_dense(adapter, spec, groups, tokens_per_microbatch)
+                router.set_global(*(router_counts or (lambda *c: c))(*counts))
         with clock.phase("dense"), nvtx_range("hbmplan.dense.dense"):
             for group in groups:
                 P = group.prompt_len

@@ -304,6 +304,56 @@ def dense_dp(rank, world, engine, kind="reference", grad_sync="phase-c") -> floa
     return max_rel_diff(grads(model), want)
 
 
+def moe_global_batch(rank, world, empty_rank: int | None = None) -> dict:
+    """A mixture-of-experts model with the global-batch router loss: the counts are summed over
+    ranks, so reuse (mem.step) and dense (distributed.dense_step) equal single-process dense on
+    the union with the global-batch loss; a rank without groups still joins the counting."""
+    from hbmplan.distributed import dense_step
+    from tests.helpers.moe import tiny_moe
+
+    def mine(r):
+        return [] if r == empty_rank else groups_of(r)
+
+    base = tiny_moe()
+    ref = copy.deepcopy(base)
+    everything = [g for r in range(world) for g in mine(r)]
+    hbmplan.schedules.dense_step(ref, everything, pg_loss, router_loss="global-batch")
+    want = {n: p.grad / world for n, p in ref.named_parameters() if p.grad is not None}
+    out = {}
+    for how in ("reuse", "dense"):
+        model = copy.deepcopy(base)
+        wrapped = wrap(model, "fsdp2", (world,))
+        if how == "reuse":
+            with hbmplan.memory(wrapped, tokens_per_microbatch=8, router_loss="global-batch") as m:
+                m.step(mine(rank), pg_loss)
+        else:
+            dense_step(wrapped, mine(rank), pg_loss, 40, router_loss="global-batch")
+        got = grads(model)
+        out[how] = max_rel_diff({n: got[n] for n in want}, want)
+    return out
+
+
+def moe_fails_before_counting(rank, world) -> str:
+    """Global-batch router loss, rank 1's groups fail validation (before the counting pass): it
+    still joins the counts' sum, every rank raises, none hangs."""
+    from tests.helpers.moe import tiny_moe
+
+    model = tiny_moe()
+    wrapped = wrap(model, "fsdp2", (world,))
+    groups = groups_of(rank)
+    if rank == 1:
+        bad = groups[0]
+        groups[0] = hbmplan.Group(bad.prompt * 0 + VOCAB + 1, bad.responses, bad.data)
+    with hbmplan.memory(wrapped, tokens_per_microbatch=8, router_loss="global-batch") as mem:
+        try:
+            mem.step(groups, pg_loss)
+        except RankFailureError as exc:
+            return f"RankFailureError {exc.ranks}"
+        except ValueError:
+            return "ValueError"
+    return "no error"
+
+
 def token_count(rank, world) -> int:
     from hbmplan.distributed import global_token_count
 
@@ -315,6 +365,9 @@ def fsdp_world(rank: int, world: int) -> dict:
         "empty-rank": empty_rank(rank, world, "fsdp2", grad_sync="every-microbatch"),
         "tokens": token_count(rank, world),
         "bf16-mixed": mixed_precision(rank, world),
+        "moe-global": moe_global_batch(rank, world),
+        "moe-global/empty-rank": moe_global_batch(rank, world, empty_rank=1),
+        "moe-global/early": moe_fails_before_counting(rank, world),
         "dense": dense_dp(rank, world, "fsdp2", kind="Qwen3"),
         "dense/every-microbatch": dense_dp(rank, world, "fsdp2", grad_sync="every-microbatch"),
         "readme": readme(rank, world),

@@ -146,3 +146,15 @@ def test_fsdp2_dense_step_equals_dense_on_the_union(fsdp, case, bound):
 @pytest.mark.xdist_group("dp-ddp")
 def test_ddp_dense_step_equals_dense_on_the_union(ddp):
     assert all(d <= EXACT for d in _each(ddp, "dense"))
+
+
+@pytest.mark.xdist_group("dp-fsdp")
+@pytest.mark.parametrize("case", ["moe-global", "moe-global/empty-rank"])
+def test_fsdp2_moe_global_batch_router_loss_counts_every_rank(fsdp, case):
+    for r in _each(fsdp, case):
+        assert r["reuse"] <= EXACT and r["dense"] <= EXACT, r
+
+
+@pytest.mark.xdist_group("dp-fsdp")
+def test_fsdp2_moe_a_rank_failing_before_its_counting_pass_raises_everywhere(fsdp):
+    assert _each(fsdp, "moe-global/early") == ["RankFailureError [1]", "ValueError"]
