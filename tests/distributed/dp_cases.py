@@ -354,6 +354,30 @@ def moe_fails_before_counting(rank, world) -> str:
     return "no error"
 
 
+def recompute_bitwise(rank, world) -> dict:
+    """FSDP2 with a budget the planner meets by recomputing layers in phase C (a slow link):
+    gradients bit for bit those without offload; layers were replayed."""
+    from hbmplan.planner import Rates
+
+    base = tiny_reference(torch.float32, layers=3)
+    steps = [[random_group(P, [5, 9], seed=P + rank, dtype=torch.float32)] for P in (30, 40, 40)]
+
+    def run(**kw):
+        model = copy.deepcopy(base)
+        wrapped = wrap(model, "fsdp2", (world,))
+        with hbmplan.memory(wrapped, **kw) as mem:
+            stats = [mem.step(groups, pg_loss) for groups in steps]
+        return grads(model), stats
+
+    plain, plain_stats = run(offload="off")
+    budget = int(0.85 * max(p.peak_bytes for p in plain_stats[1].phases.values()))
+    got, stats = run(hbm_budget=budget, rates=Rates(d2h_gbps=1e-4, h2d_gbps=1e-4))
+    return {
+        "bitwise": all(torch.equal(plain[n], got[n]) for n in plain),
+        "recomputed": stats[2].offload.plan.recompute_bytes > 0,
+    }
+
+
 def token_count(rank, world) -> int:
     from hbmplan.distributed import global_token_count
 
@@ -386,6 +410,7 @@ def fsdp_world(rank: int, world: int) -> dict:
         "atomic/early": atomic(rank, world, "fsdp2", "early"),
         "optimizer": optimizer(rank, world, "fsdp2"),
         "offload": offload_bitwise(rank, world, "fsdp2"),
+        "recompute": recompute_bitwise(rank, world),
         "refusals": refusals(rank, world),
     }
 

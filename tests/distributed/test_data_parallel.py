@@ -100,6 +100,11 @@ def test_fsdp2_offload_is_bitwise_equal_to_no_offload(fsdp):
 
 
 @pytest.mark.xdist_group("dp-fsdp")
+def test_fsdp2_recompute_in_phase_c_is_bitwise_equal_to_no_offload(fsdp):
+    assert _each(fsdp, "recompute") == [{"bitwise": True, "recomputed": True}] * 2
+
+
+@pytest.mark.xdist_group("dp-fsdp")
 def test_unsupported_wrapping_is_refused_with_a_typed_error(fsdp):
     assert all(r == ["DataParallelError"] * 3 for r in _each(fsdp, "refusals"))
 
