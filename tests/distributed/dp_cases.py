@@ -4,6 +4,7 @@ its whole world, named by rank."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
@@ -378,6 +379,40 @@ def recompute_bitwise(rank, world) -> dict:
     }
 
 
+def plain_fsdp_after(rank, world, reshard_after_forward: bool) -> float:
+    """After hbmplan steps (and a failed one), the model trains with FSDP2's own hooks as before:
+    a plain forward and backward reduces as FSDP2 does (settings and state put back)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    base = make_model("reference")
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(rank))
+
+    def plain_loss(m, x):
+        hidden, _ = m(x, torch.arange(x.shape[1])[None])
+        return m.lm_head(hidden).double().square().mean()
+
+    ref = copy.deepcopy(base)
+    for r in range(world):
+        x = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(r))
+        (plain_loss(ref, x) / world).backward()
+    want = {n: p.grad for n, p in ref.named_parameters()}
+    model = copy.deepcopy(base)
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh)  # the root's default: kept gathered after forward (lm_head)
+    fail = FailIn("B", 1)
+    with hbmplan.memory(model, tokens_per_microbatch=8, participants=[fail]) as mem:
+        mem.step(groups_of(rank), pg_loss)
+        fail.armed = True
+        with contextlib.suppress(Exception):
+            mem.step(groups_of(rank), pg_loss)
+    model.zero_grad(set_to_none=True)
+    plain_loss(model, ids).backward()
+    return max_rel_diff(grads(model), want)
+
+
 def token_count(rank, world) -> int:
     from hbmplan.distributed import global_token_count
 
@@ -411,6 +446,8 @@ def fsdp_world(rank: int, world: int) -> dict:
         "optimizer": optimizer(rank, world, "fsdp2"),
         "offload": offload_bitwise(rank, world, "fsdp2"),
         "recompute": recompute_bitwise(rank, world),
+        "plain-after": plain_fsdp_after(rank, world, True),
+        "plain-after/no-reshard": plain_fsdp_after(rank, world, False),
         "refusals": refusals(rank, world),
     }
 

@@ -105,6 +105,12 @@ def test_fsdp2_recompute_in_phase_c_is_bitwise_equal_to_no_offload(fsdp):
 
 
 @pytest.mark.xdist_group("dp-fsdp")
+@pytest.mark.parametrize("case", ["plain-after", "plain-after/no-reshard"])
+def test_fsdp2_trains_with_its_own_hooks_after_hbmplan_steps(fsdp, case):
+    assert all(d <= EXACT for d in _each(fsdp, case)), _each(fsdp, case)
+
+
+@pytest.mark.xdist_group("dp-fsdp")
 def test_unsupported_wrapping_is_refused_with_a_typed_error(fsdp):
     assert all(r == ["DataParallelError"] * 3 for r in _each(fsdp, "refusals"))
 
