@@ -1,6 +1,6 @@
 """hbmplan: shared-prefix reuse and HBM planning for RL post-training on long shared prompts."""
 
-from hbmplan import _moved, losses, models, schedules
+from hbmplan import _moved, losses, models, schedules, token_filter
 from hbmplan.capacity.frontier import FrontierConfig, FrontierResult, Shards, frontier
 from hbmplan.config import ReuseConfig
 from hbmplan.errors import BudgetError, HostMemoryError, PoolExhaustedError
@@ -25,5 +25,6 @@ __all__ = [
     "memory",
     "models",
     "schedules",
+    "token_filter",
 ]
 __version__ = "0.1.0"

@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 
 from hbmplan.planner.timeline import Rates
+from hbmplan.token_filter import TokenFilter
 
 __all__ = [
     "ATTENTIONS",
@@ -141,6 +142,18 @@ class ReuseConfig:
     once per step, after phase C ("phase-c": unsharded gradients held through phase B), or after
     every backward ("every-microbatch": unsharded gradients freed after each backward, one
     reduce-scatter per backward). DDP takes only "phase-c". Without data parallelism: unused."""
+    # token filtering
+    skip_inert: bool = True
+    """Exact skipping: leave out what the loss declares carries no gradient (``loss_fn.inert``
+    responses, all-inert groups, tails past ``loss_fn.loss_extent``). Gradients are unchanged;
+    never with a MoE router loss on. See :mod:`hbmplan.schedules.skipping`."""
+    check_skips: bool = False
+    """Debug mode: skip nothing, and raise ``ValueError`` where the loss declared a response
+    inert or a tail weightless but its gradient with respect to those log-probs is not zero."""
+    token_filter: TokenFilter | None = None
+    """Collider-style filtering (approximate, opt-in): response tokens the filter drops get zero
+    gradient in every layer's backward, and linear layers' gradients come from the kept rows
+    alone (:mod:`hbmplan.schedules.filtering`, docs/filtering.md). Not with a router loss."""
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTIONS:
@@ -166,6 +179,13 @@ class ReuseConfig:
         if self.grad_sync not in GRAD_SYNCS:
             raise ValueError(
                 f"grad_sync must be 'phase-c' or 'every-microbatch', got {self.grad_sync!r}"
+            )
+        _check_bool("skip_inert", self.skip_inert)
+        _check_bool("check_skips", self.check_skips)
+        if self.token_filter is not None and not isinstance(self.token_filter, TokenFilter):
+            raise TypeError(
+                f"token_filter must be an hbmplan TokenFilter or None, got "
+                f"{type(self.token_filter).__name__}"
             )
 
     @property

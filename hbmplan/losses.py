@@ -120,6 +120,34 @@ class PolicyLoss:
             return pg + self.kl_coef * (torch.exp(log_ratio) - log_ratio - 1)
         return pg
 
+    def inert(self, group: Group, i: int) -> bool:
+        """Whether response ``i``'s loss has gradient exactly zero: its advantage is exactly 0
+        (every token's, for per-token advantages) and ``kl_coef == 0``. The schedules then skip
+        it (:mod:`hbmplan.schedules.skipping`); they never do while a router loss is on."""
+        if self.kl_coef != 0:
+            return False
+        return not bool(self._raw_advantages(group, i).any())
+
+    def loss_extent(self, group: Group, i: int) -> int:
+        """Leading tokens of response ``i`` that carry loss weight: up to its last token with a
+        non-zero advantage (per-token advantages; a zero-advantage token's loss has gradient
+        exactly zero when ``kl_coef == 0``), else all ``S_i``."""
+        S = group.response_lens[i]
+        adv = self._raw_advantages(group, i)
+        if self.kl_coef != 0 or adv.dim() == 0:
+            return S if self.kl_coef != 0 or bool(adv != 0) else 0
+        nonzero = adv.ne(0).nonzero()
+        return int(nonzero[-1]) + 1 if nonzero.numel() else 0
+
+    def _raw_advantages(self, group: Group, i: int) -> torch.Tensor:
+        """Response ``i``'s advantage(s) as given, checked: 0-d, or [S_i] per token."""
+        adv = _lookup(group, self.advantages_key)
+        if isinstance(adv, torch.Tensor):
+            return self._advantages(group, i, adv)  # in its own dtype: no rounding to 0
+        value = adv[i] if isinstance(adv, Sequence) and i < len(adv) else None
+        like = value if isinstance(value, torch.Tensor) else torch.empty(0)
+        return _per_token(group, self.advantages_key, i, like)
+
     def weight(self, group: Group, i: int) -> float:
         """Weight of each token of response ``i`` under ``aggregation`` (before ``scale``)."""
         if self.aggregation == "token-mean":
@@ -154,7 +182,8 @@ def group_advantages(
 
     Returns:
         [G] advantages, floating point (integer rewards become the default dtype). The std is the
-        unbiased (Bessel-corrected) one, as in GRPO; with G = 1 the advantage is 0.
+        unbiased (Bessel-corrected) one, as in GRPO; with G = 1, or all rewards equal, the
+        advantages are exactly 0.
     """
     if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1 or rewards.numel() == 0:
         shape = (
@@ -165,6 +194,11 @@ def group_advantages(
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     if not rewards.is_floating_point():
         rewards = rewards.to(torch.get_default_dtype())
+    if bool((rewards == rewards[0]).all()):
+        # A tied group has advantage exactly 0 (so exact skipping can leave it out): the mean of
+        # equal floats may round (1 tied group in 3 of float32 uniforms), and the difference,
+        # divided by std + eps with std ~ 1e-8, would be ~1e-2 of noise, not 0.
+        return torch.zeros_like(rewards)
     centred = rewards - rewards.mean()
     if not std_normalise:
         return centred

@@ -7,6 +7,7 @@ measurements ``report()`` prints. The model is never edited; what the block touc
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,6 +15,8 @@ import torch
 from torch import nn
 
 from hbmplan.atomic import GradStash
+from hbmplan.capacity.flops import skipped_flops
+from hbmplan.capacity.presets import model_spec
 from hbmplan.config import (
     Attention,
     GradSync,
@@ -37,6 +40,7 @@ from hbmplan.runtime.stats import RouterStepStats, StepStats
 from hbmplan.schedules.microbatch import LossFn
 from hbmplan.schedules.reuse import run_step
 from hbmplan.schedules.router import resolve_router_loss
+from hbmplan.token_filter import TokenFilter
 
 __all__ = ["MemoryContext", "Report", "memory", "parse_bytes"]
 
@@ -88,6 +92,15 @@ class Report:
             lines.append(f"plan predicted from the last capture, rescaled ({how})")
         if off is not None and off.plan is not None:
             lines.append(str(off.plan))
+        k = s.skipped
+        if k.responses or k.tokens:
+            flops = f", {k.flops_saved / 1e9:.3g} GFLOP saved" if k.flops_saved is not None else ""
+            lines.append(
+                f"skipped (exact): {k.responses} inert response(s), {k.groups} whole group(s), "
+                f"{k.tokens} response token(s){flops}"
+            )
+        if s.filtered_tokens:
+            lines.append(f"filtered (approximate): {s.filtered_tokens} response token(s)")
         if s.router is not None:
             lines += _router_lines(s.router)
         if s.data_parallel is not None:
@@ -176,6 +189,7 @@ class MemoryContext:
         groups: Sequence[Group],
         loss_fn: LossFn,
         tokens_per_microbatch: int | None = None,
+        token_filter: TokenFilter | None = None,
         *,
         sync: bool = True,
     ) -> StepStats:
@@ -193,6 +207,8 @@ class MemoryContext:
             groups: list of :class:`hbmplan.Group`.
             loss_fn: ``loss_fn(logprobs [S_i], group, i) -> scalar``.
             tokens_per_microbatch: overrides the context's packing budget for this step.
+            token_filter: overrides the context's token filter for this step (``None``: the
+                context's).
             sync: data parallel only: reduce the gradients across ranks after this step
                 (``True``), or accumulate them locally (``False``; the next ``sync=True`` step
                 reduces the accumulated total once). Without data parallelism: ignored.
@@ -202,6 +218,8 @@ class MemoryContext:
         config = self.config
         if tokens_per_microbatch is not None:
             config = config.replace(tokens_per_microbatch=tokens_per_microbatch)
+        if token_filter is not None:
+            config = config.replace(token_filter=token_filter)
         stash = GradStash(self.model.parameters()) if config.atomic else None
         dp = self.data_parallel
         if self._dp_part is not None:
@@ -234,6 +252,12 @@ class MemoryContext:
             dp.after_merge(sync)
             stats.data_parallel = dp.stats
             all_ranks(dp.stats, stats.seconds, stats.peak_bytes, dp.group)
+        if stats.skipped.shapes:
+            try:
+                flops = skipped_flops(model_spec(self.model), stats.skipped.shapes)
+            except (TypeError, ValueError):  # a model whose shape the FLOP model cannot read
+                flops = None
+            stats.skipped = dataclasses.replace(stats.skipped, flops_saved=flops)
         self._report.steps += 1
         self._report.last = stats
         return stats
@@ -268,6 +292,9 @@ def memory(
     deterministic: bool = False,
     participants: Sequence[Participant] = (),
     grad_sync: GradSync = "phase-c",
+    skip_inert: bool = True,
+    check_skips: bool = False,
+    token_filter: TokenFilter | None = None,
 ) -> MemoryContext:
     """Wrap ``model`` for reuse-schedule training.
 
@@ -283,6 +310,10 @@ def memory(
             "global-batch", "off"; see :mod:`hbmplan.schedules.router`), phase B's attention
             ("auto", "triton", "reference", "padded"; see :mod:`hbmplan.schedules.attention`)
             and a bitwise-reproducible Triton backward.
+        skip_inert, check_skips: exact skipping of what the loss declares carries no gradient,
+            and its debug check (see :mod:`hbmplan.schedules.skipping`).
+        token_filter: Collider-style filtering of response tokens in the backward (approximate,
+            opt-in; see :mod:`hbmplan.token_filter`).
         participants: more phase-hook participants for every step (see
             :mod:`hbmplan.runtime.participant`).
         grad_sync: for an FSDP2 model, when gradients are reduce-scattered: "phase-c" (once per
@@ -297,6 +328,7 @@ def memory(
         tokens_per_microbatch=tokens_per_microbatch, grad_cache_dtype=grad_cache_dtype,
         check_finite=check_finite, router_loss=router_loss, attention=attention,
         deterministic=deterministic, hbm_budget=hbm_budget, offload=offload, rates=rates,
-        atomic=atomic, grad_sync=grad_sync,
+        atomic=atomic, grad_sync=grad_sync, skip_inert=skip_inert, check_skips=check_skips,
+        token_filter=token_filter,
     )  # fmt: skip
     return MemoryContext(model, config, participants)

@@ -49,6 +49,7 @@ def test_config_is_frozen_and_normalised():
         "tokens_per_microbatch", "grad_cache_dtype", "check_finite", "router_loss", "attention",
         "deterministic", "hbm_budget", "offload", "rates", "atomic",
         "grad_sync",  # data parallel
+        "skip_inert", "check_skips", "token_filter",  # token filtering
     }  # fmt: skip
 
 

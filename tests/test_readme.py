@@ -33,14 +33,15 @@ def test_every_python_block_is_covered_here():
     names = ["ReferenceDecoder(DecoderConfig(vocab_size=1000, hidden_size=128, num_layers=2",
              "from_pretrained(checkpoint", "global_mean = ", "static = params", 'hbm_budget="',
              "from hbmplan.rag import",  # tests/rag/test_readme_rag.py
-             "fully_shard(layer"]  # fmt: skip  # on 2 ranks: tests/distributed/test_data_parallel.py
+             "fully_shard(layer",  # on 2 ranks: tests/distributed/test_data_parallel.py
+             "token_filter=EntropyQuantile"]  # fmt: skip
     assert len(_blocks()) == len(names)
     for needle in names:
         _block(needle)  # exactly one block holds it
 
 
 def test_first_example(capsys):
-    _run(_block("num_layers=2"))
+    _run(_block("ReferenceDecoder(DecoderConfig(vocab_size=1000, hidden_size=128, num_layers=2"))
     assert "hbmplan reuse step 1" in capsys.readouterr().out
 
 
@@ -93,3 +94,10 @@ def test_offload_example_offloads_within_its_budget(capsys):
     assert "hbmplan reuse step 2" in out and "hbmplan plan (auto): budget 40.0 MiB" in out
     assert max(p.peak_bytes for p in last.phases.values()) <= 40 * 2**20
     assert last.offload.engine.bytes_offloaded > 0
+
+
+def test_skipping_and_filtering_example(capsys):
+    ns = _run(_block("token_filter=EntropyQuantile"))
+    out = capsys.readouterr().out
+    assert "skipped (exact): 4 inert response(s), 1 whole group(s), 48 response token(s)" in out
+    assert ns["stats"].microbatches == 4 and ns["approx"].filtered_tokens > 0

@@ -21,6 +21,7 @@ __all__ = [
     "flop_ideal_speedup",
     "linear_flops_per_token",
     "reuse_flops",
+    "skipped_flops",
 ]
 
 
@@ -79,6 +80,22 @@ def reuse_flops(
         layer = linear_flops_per_token(s) * n + attention_flops(s, n, shared)
         total += _train(s.num_layers * layer + 2 * s.hidden_size * s.vocab_size * n)
     return total
+
+
+def skipped_flops(
+    shape: ModelSpec | Any, shapes: Sequence[tuple[int, Sequence[int], Sequence[int]]]
+) -> int:
+    """Reuse-schedule training FLOPs that exact skipping saved: per group ``(P, response lengths,
+    tokens run per response)`` (:class:`hbmplan.runtime.stats.SkipStats` ``shapes``), the
+    group's FLOPs minus those of what ran (nothing, phases A and C included, when every response
+    was inert)."""
+    s = _spec(shape)
+    saved = 0
+    for prompt_len, lengths, ran in shapes:
+        kept = [n for n in ran if n > 0]
+        saved += reuse_flops(s, prompt_len, lengths)
+        saved -= reuse_flops(s, prompt_len, kept) if kept else 0
+    return saved
 
 
 def flop_ideal_speedup(

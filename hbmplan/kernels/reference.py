@@ -12,9 +12,11 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from hbmplan.kernels.accumulate import accumulate_into
+from hbmplan.kernels.filtered_linear import grad_mask
 
 __all__ = [
     "check_varlen_inputs",
+    "masked_linear_ref",
     "prefix_attention_ref",
     "prefix_attention_varlen_ref",
     "rms_norm_ref",
@@ -29,6 +31,19 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
         weight: [h] scale.
     """
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def masked_linear_ref(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor
+) -> torch.Tensor:
+    """Reference of :func:`hbmplan.kernels.filtered_linear.filtered_linear`: ``F.linear`` whose
+    output gradient is zeroed on the rows ``keep`` (bool, x's leading dims flattened) drops, so
+    the backward's full-size GEMMs see zeros there.
+
+    Args:
+        x: [..., in]; weight: [out, in]; bias: [out] or ``None``; keep: bool [rows].
+    """
+    return grad_mask(F.linear(x, weight, bias), keep.view(*x.shape[:-1], 1))
 
 
 def prefix_attention_ref(

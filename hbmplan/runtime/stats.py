@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["PhaseClock", "PhaseStats", "RouterStepStats", "StepStats"]
+__all__ = ["PhaseClock", "PhaseStats", "RouterStepStats", "SkipStats", "StepStats"]
 
 
 @dataclass
@@ -44,6 +44,24 @@ class RouterStepStats:
     expert_tokens: torch.Tensor
     """int64 [L, E]: (token, slot) pairs routed to each expert of each router layer, as the dense
     trainer counts them: every trajectory's prompt and response tokens (prompt counts x G)."""
+
+
+@dataclass(frozen=True)
+class SkipStats:
+    """What exact skipping left out of a step (see :mod:`hbmplan.schedules.skipping`)."""
+
+    responses: int = 0
+    """Inert responses not run (those of skipped groups included)."""
+    groups: int = 0
+    """Groups whose responses were all inert: no phase A, B or C."""
+    tokens: int = 0
+    """Response tokens not run: inert responses' and masked tails'."""
+    shapes: tuple[tuple[int, tuple[int, ...], tuple[int, ...]], ...] = ()
+    """Per group that skipped anything: (P, response lengths, tokens run per response, 0 for an
+    inert one); what FLOP counts of the savings need."""
+    flops_saved: int | None = None
+    """Training FLOPs not run (docs/design.md's convention); filled by :func:`hbmplan.memory`
+    steps, ``None`` elsewhere."""
 
 
 @dataclass
@@ -79,6 +97,10 @@ class StepStats:
     """:class:`hbmplan.runtime.offload.OffloadReport` when the step planned offload."""
     data_parallel: Any = None
     """:class:`hbmplan.distributed.data_parallel.DataParallelStats` under FSDP2 or DDP."""
+    skipped: SkipStats = field(default_factory=SkipStats)
+    """What exact skipping left out: inert responses and groups, masked tails."""
+    filtered_tokens: int = 0
+    """Response tokens whose backward ``token_filter`` dropped (approximate; 0 when off)."""
 
     def record_peak(self, phase: str, nbytes: int) -> None:
         """Raise phase ``phase``'s peak to ``nbytes`` if it is higher (held-tensor metering)."""

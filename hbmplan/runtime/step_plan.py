@@ -9,10 +9,11 @@ data-parallel wrapper padding ranks to a common shape) reads it here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hbmplan.group import Group
 from hbmplan.models.packed import KernelImpl
+from hbmplan.runtime.stats import SkipStats
 
 __all__ = ["GroupPlan", "Microbatch", "PhaseBAttention", "StepPlan"]
 
@@ -50,6 +51,14 @@ class Microbatch:
     """Tokens it runs, padding included (padded: rows x longest row; packed: their sum)."""
     logprob_bytes: int
     """Device bytes its log-probs work in (see :func:`hbmplan.kernels.logprobs.logprob_bytes`)."""
+    lengths: tuple[int, ...] = ()
+    """Tokens of each response it runs, in ``indices`` order: fewer than the response's length
+    when the loss declared a masked tail (``loss_extent``; the loss still gets ``[S_i]``
+    log-probs, the tail as detached zeros). Empty: every response whole."""
+
+    def length(self, k: int, group: Group) -> int:
+        """Tokens the ``k``-th response of this microbatch runs."""
+        return self.lengths[k] if self.lengths else group.response_lens[self.indices[k]]
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,11 @@ class GroupPlan:
 
     group: Group
     microbatches: tuple[Microbatch, ...]
+    declared: tuple[int, ...] = ()
+    """Per response of the group, the leading tokens the loss declared to carry weight: 0 for
+    an inert response (``loss_fn.inert``), ``S_i`` when nothing was declared (see
+    :mod:`hbmplan.schedules.skipping`). Empty: no declarations. With ``check_skips`` phase B
+    runs every token and checks these."""
 
     @property
     def prompt_tokens(self) -> int:
@@ -71,6 +85,8 @@ class StepPlan:
 
     groups: tuple[GroupPlan, ...]
     attention: PhaseBAttention
+    skipped: SkipStats = field(default_factory=SkipStats)
+    """What exact skipping left out (groups, responses and tokens that are not in ``groups``)."""
 
     @property
     def kv_copies(self) -> bool:

@@ -185,10 +185,20 @@ def microbatch_loss(
     group: Group,
     indices: Sequence[int],
     check_finite: bool,
+    declared: Sequence[int] = (),
 ) -> torch.Tensor:
-    """Sum of ``loss_fn`` over the responses of one microbatch, with the contract checked."""
+    """Sum of ``loss_fn`` over the responses of one microbatch, with the contract checked.
+
+    A response run up to its loss extent (log-probs shorter than ``S_i``) gets ``[S_i]``
+    log-probs, the tail as detached zeros. ``declared`` (per response of the group, see
+    :mod:`hbmplan.schedules.skipping`), given in the ``check_skips`` debug mode, is checked:
+    the loss's gradient with respect to every declared-weightless log-prob must be exactly zero.
+    """
     total = None
     for lp, i in zip(logprobs, indices, strict=True):
+        S = group.response_lens[i]
+        if lp.numel() < S:  # a masked tail that did not run
+            lp = torch.cat([lp, lp.new_zeros(S - lp.numel())])
         loss = loss_fn(lp, group, i)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
@@ -202,6 +212,24 @@ def microbatch_loss(
             raise FloatingPointError(
                 f"loss must be finite (check_finite=True), got {loss.item()} for response {i}"
             )
+        if declared and declared[i] < S:
+            _check_declared(loss, lp, declared[i], i)
         total = loss.reshape(()) if total is None else total + loss.reshape(())
     assert total is not None
     return total
+
+
+def _check_declared(loss: torch.Tensor, lp: torch.Tensor, extent: int, i: int) -> None:
+    """``ValueError`` unless d loss / d lp[extent:] is exactly zero."""
+    (grad,) = torch.autograd.grad(loss, lp, retain_graph=True, allow_unused=True)
+    if grad is None or not bool(grad[extent:].any()):
+        return
+    t = extent + int(grad[extent:].ne(0).nonzero()[0])
+    what = (
+        "inert (loss_fn.inert)" if extent == 0 else f"weightless past token {extent} (loss_extent)"
+    )
+    raise ValueError(
+        f"loss_fn declared response {i} {what}, but its loss has gradient "
+        f"{grad[t].item():.3g} at token {t} (check_skips=True); skipping it would change the "
+        f"gradients"
+    )

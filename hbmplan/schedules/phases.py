@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ from hbmplan.runtime.participant import (
 )
 from hbmplan.runtime.stats import PhaseClock
 from hbmplan.runtime.step_plan import GroupPlan
+from hbmplan.schedules.filtering import start_filter
 from hbmplan.schedules.grad_cache import GradientCache
 from hbmplan.schedules.microbatch import (
     LossFn,
@@ -124,20 +126,32 @@ def phase_b(
     routed = {"router_logits": logits} if router is not None else {}
     seqs = [torch.cat([group.prompt[-1:], t[:-1]]) for t in ctx.targets]
     lengths = [t.numel() for t in ctx.targets]
+    indices = ctx.microbatch.indices
+    if attention.packed:  # one row, the responses end to end
+        starts, rows = list(itertools.accumulate([0, *lengths[:-1]])), sum(lengths)
+    else:  # right-padded rows
+        starts, rows = [b * max(lengths) for b in range(len(seqs))], len(seqs) * max(lengths)
+    filt = start_filter(step.config.token_filter, group, indices, lengths, starts, rows)
+    filtering = filt.forward() if filt is not None else contextlib.nullcontext()
     if attention.packed:
         ids, pos = packed_rows(seqs, group.prompt_len - 1)
         # the reference reads the bounds on the host: keep them there (no sync)
         cu = cu_seqlens_for(lengths, step.device if attention.impl == "triton" else "cpu")
         kv = prompt.cache.packed(cu, max(lengths), attention.impl, step.config.deterministic)
-        hidden = adapter.response_hidden(ids, pos, kv, **routed)
+        with filtering:
+            hidden = adapter.response_hidden(ids, pos, kv, **routed)
         logprobs = token_logprobs(adapter, hidden[0], ctx.targets)
         logits[:] = [unpack_rows(t, lengths) for t in logits]  # router logits as padded rows
     else:
         ids, pos = padded_rows(seqs, group.prompt_len - 1)
-        hidden = adapter.response_hidden(ids, pos, prompt.cache.views(), **routed)
+        with filtering:
+            hidden = adapter.response_hidden(ids, pos, prompt.cache.views(), **routed)
         logprobs = response_logprobs(adapter, hidden, [0] * len(seqs), ctx.targets)
-    indices = ctx.microbatch.indices
-    loss = microbatch_loss(loss_fn, logprobs, group, indices, step.config.check_finite)
+    if filt is not None:
+        logprobs = filt.finish(adapter, hidden, logprobs)
+        step.stats.filtered_tokens += filt.dropped
+    declared = ctx.group.plan.declared if step.config.check_skips else ()
+    loss = microbatch_loss(loss_fn, logprobs, group, indices, step.config.check_finite, declared)
     if router is not None:  # each trajectory: prompt sums + its row's
         loss = loss + router(
             with_prefix(prompt.leaves.views(), routing_sums(router.spec, logits, lengths))
@@ -189,7 +203,10 @@ def run_group(
         b = dataclasses.replace(ctx, phase="B")
         with clock.phase("B"):
             for i, mb in enumerate(plan.microbatches):
-                targets = tuple(plan.group.responses[r] for r in mb.indices)
+                targets = tuple(
+                    plan.group.responses[r][: mb.length(k, plan.group)]
+                    for k, r in enumerate(mb.indices)
+                )
                 mctx = MicrobatchContext(b, i, mb, targets)
                 total = total + phase_b(mctx, parts, prompt, loss_fn, router).to(total.dtype)
                 stats.microbatches += bool(mb.indices)

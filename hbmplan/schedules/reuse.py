@@ -40,10 +40,12 @@ from hbmplan.models.adapter import CausalLMAdapter, adapt, model_device
 from hbmplan.runtime import ByteMeter, NvtxRanges, offload_participants
 from hbmplan.runtime.participant import Participant, Participants, StepContext
 from hbmplan.runtime.stats import PhaseClock, StepStats
+from hbmplan.schedules.filtering import check_filter
 from hbmplan.schedules.microbatch import LossFn
 from hbmplan.schedules.phases import prompt_needs_graph, run_group
 from hbmplan.schedules.router import RouterLoss, count_reuse, resolve_router_loss
 from hbmplan.schedules.step_plan import plan_step
+from hbmplan.token_filter import TokenFilter
 
 __all__ = ["reuse_step", "run_step"]
 
@@ -61,6 +63,9 @@ def reuse_step(
     attention: Attention = "auto",
     deterministic: bool = False,
     participants: Sequence[Participant] = (),
+    skip_inert: bool = True,
+    check_skips: bool = False,
+    token_filter: TokenFilter | None = None,
 ) -> StepStats:
     """One training step with the reuse schedule; gradients accumulate into ``.grad``.
 
@@ -69,7 +74,7 @@ def reuse_step(
         groups: groups to train; each runs phases A, B and C in turn.
         loss_fn: ``loss_fn(logprobs [S_i], group, i) -> scalar``, summed over responses.
         tokens_per_microbatch, grad_cache_dtype, check_finite, router_loss, attention,
-            deterministic: the step's options, as documented on :class:`hbmplan.ReuseConfig`.
+            deterministic, skip_inert, check_skips, token_filter: the step's options, as documented on :class:`hbmplan.ReuseConfig`.
         config: the options as one :class:`~hbmplan.ReuseConfig` instead of keywords (giving
             both is a ``TypeError``). A config that asks for offload (``hbm_budget`` or
             ``offload="all"``) plans and offloads for this call alone (:func:`hbmplan.memory`
@@ -83,7 +88,8 @@ def reuse_step(
     keywords = dict(
         tokens_per_microbatch=tokens_per_microbatch, grad_cache_dtype=grad_cache_dtype,
         check_finite=check_finite, router_loss=router_loss, attention=attention,
-        deterministic=deterministic,
+        deterministic=deterministic, skip_inert=skip_inert, check_skips=check_skips,
+        token_filter=token_filter,
     )  # fmt: skip
     cfg = config_or_keywords(config, ReuseConfig, keywords, "the step's options")
     adapter = adapt(model)
@@ -109,13 +115,15 @@ def run_step(
     spec = resolve_router_loss(config.router_loss, adapter.router)
     validate_groups(groups, adapter.vocab_size, adapter.max_positions, model_device(adapter))
     adapter.check_schedulable()
+    check_filter(config.token_filter, spec)
     meter = [ByteMeter()] if groups[0].prompt.device.type != "cuda" else []
     parts = Participants([NvtxRanges(), *participants, *meter])
-    plan = parts.adjust_plan(plan_step(adapter, groups, config))
+    plan = parts.adjust_plan(plan_step(adapter, groups, config, loss_fn, spec is not None))
     device = groups[0].prompt.device
     trajectories = sum(len(mb.indices) for g in plan.groups for mb in g.microbatches)
     stats = StepStats("reuse", groups=len(plan.groups), trajectories=trajectories)
     stats.attention, stats.attention_note = plan.attention.name, plan.attention.why
+    stats.skipped = plan.skipped
     clock = PhaseClock(stats, device)
     router = RouterLoss(spec, config.router_loss) if spec is not None else None
     step = StepContext(

@@ -28,6 +28,15 @@ class Case:
     def inputs(self) -> list[torch.Tensor]:
         return [self.q, self.k_prefix, self.v_prefix, self.k, self.v]
 
+    @property
+    def reduction_length(self) -> int:
+        """n, an upper bound on the terms any output or gradient entry sums: a D-long dot
+        product, a query's softmax over Pp + L keys, and a prompt key's dK/dV over every query of
+        every sequence and of its head group (T x Hq/Hkv)."""
+        lens = self.cu_seqlens.diff().tolist()
+        group = self.q.shape[1] // self.k.shape[1]
+        return self.q.shape[-1] + self.k_prefix.shape[0] + max(lens) + sum(lens) * group
+
 
 def make_case(lens, n_prefix, hq, hkv, d=64, dtype=torch.float32, seed=0, device="cpu") -> Case:
     """Random inputs whose values are exactly representable in ``dtype``."""
@@ -112,15 +121,25 @@ def assert_by_rule(x, x_dense, x64, name="", flash_delta=0.0):
     assert err <= 2 * dense + atol, f"{name}: error {err:.3g} > 2 * {dense:.3g} + {atol:.3g}"
 
 
-def assert_tight(x, x64, name="", rtol=1e-6):
-    """fp32: max|x - x64| <= rtol * max(|x64|, 1), a few ulps of the largest value. The floor 1 is
-    the inputs' scale (unit normal): it covers outputs that vanish exactly, like dQ of a query that
-    sees one key, which a flash kernel computes from the rounded output O as ~eps, not 0."""
+FP32_UNIT_ROUNDOFF = 2.0**-24
+
+
+def assert_tight(x, x64, n, name="", c=2.0):
+    """fp32 against fp64: max|x - x64| <= c * sqrt(n) * u * max(|x64|, 1), with n the reduction
+    length (:attr:`Case.reduction_length`) and u = 2**-24 the fp32 unit roundoff.
+
+    Rounding errors of an n-term sum grow like sqrt(n) * u in practice (random-walk bound; the
+    worst case is n * u), so a fixed bound fails on long reductions by chance (it did: ~1 draw
+    in 20 against 1e-6; those draws are pinned). c = 2 measured 3x above the largest
+    err / (sqrt(n) u scale) over 60 random draws (0.6). The floor 1 is the inputs' scale (unit
+    normal): it covers outputs that vanish exactly, like dQ of a query that sees one key, which
+    a flash kernel computes from the rounded output O as ~eps, not 0."""
     if x64.numel() == 0:
         return
     scale = max(x64.abs().max().item(), 1.0)
+    bound = c * n**0.5 * FP32_UNIT_ROUNDOFF * scale
     err = (x.double() - x64).abs().max().item()
-    assert err <= rtol * scale, f"{name}: error {err:.3g} > {rtol:g} * {scale:.3g}"
+    assert err <= bound, f"{name}: error {err:.3g} > {c:g} * sqrt({n}) * u * {scale:.3g}"
 
 
 def run_by_sequence(case: Case, dtype, attention, **kw) -> dict[str, torch.Tensor]:

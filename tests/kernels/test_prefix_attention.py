@@ -45,13 +45,16 @@ def _reference(case, dtype=torch.float64):
 @given(shape=shapes())
 @example(shape=([70, 1], 33, (2, 1), 0))  # several tiles of every kernel in one sequence
 @example(shape=([1, 1, 1], 1, (3, 1), 1))
+@example(shape=([5, 31, 20], 12, (3, 1), 5))  # failed the fixed 1e-6 bound
+@example(shape=([9, 10, 31], 7, (1, 1), 464))  # failed the fixed 1e-6 bound
+@example(shape=([19], 18, (3, 1), 23248))  # failed the fixed 1e-6 bound
 def test_fp32_matches_reference(device, shape):
     lens, n_prefix, (hq, hkv), seed = shape
     case = make_case(lens, n_prefix, hq, hkv, seed=seed, device=device)
     got = run(case, torch.float32, impl="triton")
     want = _reference(case)
     for name in NAMES:
-        assert_tight(got[name], want[name], name)
+        assert_tight(got[name], want[name], case.reduction_length, name)
 
 
 @settings(max_examples=8)
@@ -76,7 +79,7 @@ def test_head_dim_128(device):
     got = run(case, torch.float32, impl="triton")
     want = _reference(case)
     for name in NAMES:
-        assert_tight(got[name], want[name], name)
+        assert_tight(got[name], want[name], case.reduction_length, name)
 
 
 def test_many_sequences_take_the_scan(device, monkeypatch):
@@ -86,7 +89,7 @@ def test_many_sequences_take_the_scan(device, monkeypatch):
     got = run(case, torch.float32, impl="triton")
     want = _reference(case)
     for name in NAMES:
-        assert_tight(got[name], want[name], name)
+        assert_tight(got[name], want[name], case.reduction_length, name)
 
 
 def _cache(case, dtype=torch.float32):
@@ -177,7 +180,7 @@ def test_split_prompt_gradient_matches_reference(device, monkeypatch):
     got = run(case, torch.float32, impl="triton")
     want = _reference(case)
     for name in NAMES:
-        assert_tight(got[name], want[name], name)
+        assert_tight(got[name], want[name], case.reduction_length, name)
 
 
 def test_only_requested_gradients(device):
@@ -188,7 +191,7 @@ def test_only_requested_gradients(device):
     out = prefix_attention(q, *rest, case.cu_seqlens, grad_cache=cache, impl="triton")
     out.backward(case.dout.float())
     want = _reference(case)
-    assert_tight(q.grad, want["dq"], "dq")
+    assert_tight(q.grad, want["dq"], case.reduction_length, "dq")
     # k_prefix/v_prefix do not require grad: the cache is left alone
     assert not cache[0].any() and not cache[1].any()
 
