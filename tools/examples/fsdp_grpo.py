@@ -123,6 +123,7 @@ def main() -> None:
         same = all(torch.equal(g, gathered[0]) for g in gathered)
         print(f"{args.engine}, {world} ranks ({'nccl' if cuda else 'gloo'}): parameters "
               f"identical on every rank: {same}")  # fmt: skip
+    dist.barrier()  # no rank tears its connections down while another still uses them
     dist.destroy_process_group()
 
 
