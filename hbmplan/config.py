@@ -22,11 +22,13 @@ __all__ = [
     "ATTENTIONS",
     "CP_BALANCES",
     "CP_EXCHANGES",
+    "GRAD_SYNCS",
     "OFFLOAD_MODES",
     "ROUTER_LOSS_MODES",
     "Attention",
     "CPBalance",
     "CPExchange",
+    "GradSync",
     "OffloadMode",
     "ReuseConfig",
     "RouterLossMode",
@@ -45,6 +47,8 @@ CPBalance = Literal["zigzag", "contiguous"]
 CP_BALANCES: tuple[CPBalance, ...] = ("zigzag", "contiguous")
 RouterLossMode = Literal["per-trajectory", "global-batch", "off"]
 ROUTER_LOSS_MODES: tuple[RouterLossMode, ...] = ("per-trajectory", "global-batch", "off")
+GradSync = Literal["phase-c", "every-microbatch"]
+GRAD_SYNCS: tuple[GradSync, ...] = ("phase-c", "every-microbatch")
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
@@ -140,6 +144,12 @@ class ReuseConfig:
     atomic: bool = True
     """:func:`hbmplan.memory` steps restore ``.grad`` if they raise (one gradient-sized buffer
     while gradients accumulate across steps). :func:`reuse_step` alone is never atomic."""
+    # data parallel
+    grad_sync: GradSync = "phase-c"
+    """Under FSDP2 (see :mod:`hbmplan.distributed.data_parallel`): reduce-scatter the gradients
+    once per step, after phase C ("phase-c": unsharded gradients held through phase B), or after
+    every backward ("every-microbatch": unsharded gradients freed after each backward, one
+    reduce-scatter per backward). DDP takes only "phase-c". Without data parallelism: unused."""
     # token filtering
     skip_inert: bool = True
     """Exact skipping: leave out what the loss declares carries no gradient (``loss_fn.inert``
@@ -189,6 +199,10 @@ class ReuseConfig:
             raise TypeError(f"rates must be an hbmplan Rates, got {type(self.rates).__name__}")
         _check_bool("check_finite", self.check_finite)
         _check_bool("atomic", self.atomic)
+        if self.grad_sync not in GRAD_SYNCS:
+            raise ValueError(
+                f"grad_sync must be 'phase-c' or 'every-microbatch', got {self.grad_sync!r}"
+            )
         _check_bool("skip_inert", self.skip_inert)
         _check_bool("check_skips", self.check_skips)
         if self.token_filter is not None and not isinstance(self.token_filter, TokenFilter):

@@ -9,6 +9,9 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 status=0
 timeout 240 python -m pytest -q -m gpu tests || status=1
+# data parallel, 1 rank on nccl (multi-GPU runs stay unmeasured until a multi-GPU machine exists)
+timeout 120 python -m torch.distributed.run --standalone --nproc-per-node 1 tools/examples/fsdp_grpo.py --steps 2 || status=1
+timeout 120 python -m torch.distributed.run --standalone --nproc-per-node 1 tools/examples/fsdp_grpo.py --steps 2 --engine ddp || status=1
 if [ "${1:-}" != "quick" ]; then
   timeout 300 python tools/bench_schedule.py --repeats 3 --attention auto padded || status=1
   timeout 150 python tools/bench_offload.py --repeats 2 || status=1

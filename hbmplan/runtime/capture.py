@@ -42,6 +42,29 @@ def storage_key(t: torch.Tensor) -> tuple[str, int]:
     return (str(t.device), t.untyped_storage().data_ptr())
 
 
+def _is_wrapper(t: torch.Tensor) -> bool:
+    """A tensor subclass that wraps others (DTensor, FSDP2's sharded parameters)."""
+    return type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__")
+
+
+def _plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """``t``, or the plain tensors a wrapper subclass holds (recursively)."""
+    if not _is_wrapper(t):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    inner = [getattr(t, n, None) for n in names]
+    return [x for i in inner if isinstance(i, torch.Tensor) for x in _plain_tensors(i)]
+
+
+def _exclude_keys(tensors: Iterable[torch.Tensor]) -> set[tuple[str, int]]:
+    keys = set()
+    for t in tensors:
+        for x in _plain_tensors(t):
+            if x.untyped_storage().nbytes() > 0:  # a resharded FSDP2 parameter holds nothing
+                keys.add(storage_key(x))
+    return keys
+
+
 @dataclass(eq=False)
 class SavedStorage:
     """One storage kept alive by autograd; views and aliases of it count once.
@@ -113,7 +136,7 @@ class SavedTensorCapture:
     """
 
     def __init__(self, exclude: Iterable[torch.Tensor] = (), layers: nn.ModuleList | None = None):
-        self._exclude = {storage_key(t) for t in exclude}
+        self._exclude = _exclude_keys(exclude)
         self._layers = layers
         self._store: dict[int, torch.Tensor | _Offloaded] = {}
         self._ticket_record: dict[int, SavedStorage] = {}
@@ -145,6 +168,10 @@ class SavedTensorCapture:
 
     # -- hooks ---------------------------------------------------------------------------------
     def _pack(self, t: torch.Tensor) -> _Ticket | torch.Tensor:
+        if isinstance(t, nn.Parameter) or _is_wrapper(t):
+            # model tensors (also FSDP2's gathered parameters, swapped in after the capture
+            # began) and tensor subclasses (DTensor): never activations, never offloaded
+            return t
         key = storage_key(t)
         if key in self._exclude:
             return t  # parameters: autograd's own reference, no cycle (they are leaves)

@@ -145,7 +145,8 @@ def run_step(
         parts.begin_step(step)
         if router is not None and router.mode == "global-batch":
             with clock.phase("count"):
-                router.set_global(*count_reuse(adapter, spec, groups, config.tokens_per_microbatch))
+                counts = count_reuse(adapter, spec, groups, config.tokens_per_microbatch)
+                router.set_global(*parts.router_counts(step, *counts))
         total = None
         for index, group in enumerate(plan.groups):
             loss = run_group(step, parts, index, group, loss_fn, router, clock)

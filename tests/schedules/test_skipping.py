@@ -76,7 +76,7 @@ groups_st = st.lists(
 )
 
 
-@settings(max_examples=4)
+@settings(max_examples=3)
 @given(spec=groups_st)
 @example(spec=[(5, [3, 2], {0, 1}, 0), (7, [4, 1, 2], {1}, 1)])  # a whole group inert
 def test_inert_responses_bitwise_equal(spec):
