@@ -47,10 +47,19 @@ def _shard_degree(t) -> int:
     return degree
 
 
+def _fsdp2(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def tensor_parallel_degree(model: nn.Module) -> int:
     """The TP degree of ``model``: the most shards any DTensor parameter is split into; 1 for a
-    model without DTensor parameters."""
-    return max((_shard_degree(p) for p in model.parameters() if _is_dtensor(p)), default=1)
+    model without DTensor parameters, and for an FSDP2 model (its DTensors are data-parallel
+    shards, gathered before any compute; FSDP2 over TP is not checked here)."""
+    if not any(_is_dtensor(p) for p in model.parameters()) or _fsdp2(model):
+        return 1
+    return max(_shard_degree(p) for p in model.parameters() if _is_dtensor(p))
 
 
 def _attention_modules(layers: nn.ModuleList) -> list[tuple[str, nn.Module]]:
