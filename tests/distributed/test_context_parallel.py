@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from tests.distributed.tpcp_cases import cp_world
-from tests.helpers.dist import run_ranks
+from tests.helpers.dist import run_ranks, shared_result
 
 pytestmark = [pytest.mark.xdist_group("cp"), pytest.mark.timeout(240)]
 
@@ -16,8 +16,10 @@ CASES = ["P9", "P10_two_groups", "P2_G1", "P3_G1"]
 
 
 @pytest.fixture(scope="module")
-def cp():
-    return run_ranks(cp_world, 2, timeout_s=200)
+def cp(tmp_path_factory):
+    return shared_result(
+        tmp_path_factory, "cp_world", lambda: run_ranks(cp_world, 2, timeout_s=200)
+    )
 
 
 @pytest.mark.parametrize(

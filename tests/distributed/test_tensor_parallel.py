@@ -8,16 +8,20 @@ from __future__ import annotations
 import pytest
 
 from tests.distributed.tpcp_cases import tp_world
-from tests.helpers.dist import run_ranks
+from tests.helpers.dist import run_ranks, shared_result
 
 pytestmark = [pytest.mark.xdist_group("tp"), pytest.mark.timeout(240)]
 
 
 @pytest.fixture(scope="module")
 def tp(tmp_path_factory):
-    ranks = run_ranks(tp_world, 2, args=(str(tmp_path_factory.mktemp("tp")),), timeout_s=200)
-    assert ranks[0].keys() == ranks[1].keys()
-    return ranks[0]
+    def world():
+        ckpt = str(tmp_path_factory.mktemp("tp"))
+        ranks = run_ranks(tp_world, 2, args=(ckpt,), timeout_s=200)
+        assert ranks[0].keys() == ranks[1].keys()
+        return ranks[0]
+
+    return shared_result(tmp_path_factory, "tp_world", world)
 
 
 @pytest.mark.parametrize(
