@@ -12,7 +12,7 @@ STAMP := $(VENV)/.hbmplan-installed
 # (tests/conftest.py); loadgroup keeps tests that share a module fixture on one worker
 CPUS = $$($(PY) tools/cpus.py)
 
-.PHONY: help demo test test-fast bench rag-eval lint setup
+.PHONY: help demo demo-dist test test-fast bench rag-eval lint setup
 
 ifeq ($(PY),$(VENV)/bin/python)
 SETUP := $(STAMP)
@@ -34,6 +34,9 @@ setup: $(SETUP)  ## create .venv with the CPU torch wheel and hbmplan's extras (
 
 demo: $(SETUP)  ## reuse vs dense on a small model: gradient difference, speedup (median, spread), memory
 	$(PY) tools/demo.py
+
+demo-dist: $(SETUP)  ## a few GRPO steps on 2 ranks under FSDP2 (gloo on CPU, nccl on GPUs): tools/examples/fsdp_grpo.py
+	$(PY) -m torch.distributed.run --standalone --nproc-per-node 2 tools/examples/fsdp_grpo.py
 
 test: $(SETUP)  ## the CPU test suite, one pytest-xdist worker per usable CPU
 	$(PY) -m pytest -q -n $(CPUS) --dist loadgroup

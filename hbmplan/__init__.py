@@ -3,7 +3,7 @@
 from hbmplan import _moved, losses, models, schedules, token_filter
 from hbmplan.capacity.frontier import FrontierConfig, FrontierResult, Shards, frontier
 from hbmplan.config import ReuseConfig
-from hbmplan.errors import BudgetError, HostMemoryError, PoolExhaustedError
+from hbmplan.errors import BudgetError, HostMemoryError, ParallelLayoutError, PoolExhaustedError
 from hbmplan.group import Group
 from hbmplan.memory import MemoryContext, Report, memory
 
@@ -16,6 +16,7 @@ __all__ = [
     "Group",
     "HostMemoryError",
     "MemoryContext",
+    "ParallelLayoutError",
     "PoolExhaustedError",
     "Report",
     "ReuseConfig",

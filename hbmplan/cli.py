@@ -24,7 +24,7 @@ PLOT_POINTS = 24
 """Prompt lengths on the plot's speed panel, evenly spaced up to the longest that fits."""
 
 _NUMERIC_OPTIONS = frozenset(
-    {"--hbm", "--group", "--response", "--prompt", "--fsdp", "--tp", "--rows", "--margin"}
+    {"--hbm", "--group", "--response", "--prompt", "--fsdp", "--tp", "--cp", "--rows", "--margin"}
 )
 """Options whose value may start with "-" (a negative number, rejected by its own check)."""
 
@@ -119,6 +119,9 @@ def _parser() -> _Parser:
     f.add_argument("--fsdp", type=positive, default=1, help="FSDP (ZeRO-3) degree")
     f.add_argument("--tp", type=positive, default=1,
                    help="tensor-parallel degree; divides the query and key/value heads")  # fmt: skip
+    f.add_argument("--cp", type=positive, default=1,
+                   help="context-parallel degree: splits the prompt (reuse) or each trajectory "
+                        "(dense); only those two schedules, no step times")  # fmt: skip
     f.add_argument("--rows", type=positive, default=1,
                    help="trajectories/responses per microbatch")  # fmt: skip
     f.add_argument("--margin", type=_fraction, default=0.05,
@@ -287,7 +290,7 @@ def _frontier(args: argparse.Namespace) -> int:
     kwargs = dict(
         hbm=args.hbm, response_len=args.response,
         schedules=[s.strip() for s in args.schedules.split(",") if s.strip()],
-        dtype=args.dtype, optimizer=args.optimizer, shards=Shards(fsdp=args.fsdp, tp=args.tp),
+        dtype=args.dtype, optimizer=args.optimizer, shards=Shards(fsdp=args.fsdp, tp=args.tp, cp=args.cp),
         fragmentation=args.margin, rows_per_microbatch=args.rows,
         master_weights=args.master_weights, grad_cache_dtype=args.grad_cache_dtype,
         fused_gqa=args.fused_gqa, attention=args.attention, card=args.card,

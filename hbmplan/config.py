@@ -20,9 +20,15 @@ from hbmplan.token_filter import TokenFilter
 
 __all__ = [
     "ATTENTIONS",
+    "CP_BALANCES",
+    "CP_EXCHANGES",
+    "GRAD_SYNCS",
     "OFFLOAD_MODES",
     "ROUTER_LOSS_MODES",
     "Attention",
+    "CPBalance",
+    "CPExchange",
+    "GradSync",
     "OffloadMode",
     "ReuseConfig",
     "RouterLossMode",
@@ -35,8 +41,14 @@ Attention = Literal["auto", "triton", "reference", "padded"]
 ATTENTIONS: tuple[Attention, ...] = ("auto", "triton", "reference", "padded")
 OffloadMode = Literal["auto", "off", "all"]
 OFFLOAD_MODES: tuple[OffloadMode, ...] = ("auto", "off", "all")
+CPExchange = Literal["auto", "pass-q", "all-gather"]
+CP_EXCHANGES: tuple[CPExchange, ...] = ("auto", "pass-q", "all-gather")
+CPBalance = Literal["zigzag", "contiguous"]
+CP_BALANCES: tuple[CPBalance, ...] = ("zigzag", "contiguous")
 RouterLossMode = Literal["per-trajectory", "global-batch", "off"]
 ROUTER_LOSS_MODES: tuple[RouterLossMode, ...] = ("per-trajectory", "global-batch", "off")
+GradSync = Literal["phase-c", "every-microbatch"]
+GRAD_SYNCS: tuple[GradSync, ...] = ("phase-c", "every-microbatch")
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
@@ -132,6 +144,12 @@ class ReuseConfig:
     atomic: bool = True
     """:func:`hbmplan.memory` steps restore ``.grad`` if they raise (one gradient-sized buffer
     while gradients accumulate across steps). :func:`reuse_step` alone is never atomic."""
+    # data parallel
+    grad_sync: GradSync = "phase-c"
+    """Under FSDP2 (see :mod:`hbmplan.distributed.data_parallel`): reduce-scatter the gradients
+    once per step, after phase C ("phase-c": unsharded gradients held through phase B), or after
+    every backward ("every-microbatch": unsharded gradients freed after each backward, one
+    reduce-scatter per backward). DDP takes only "phase-c". Without data parallelism: unused."""
     # token filtering
     skip_inert: bool = True
     """Exact skipping: leave out what the loss declares carries no gradient (``loss_fn.inert``
@@ -151,6 +169,21 @@ class ReuseConfig:
     entropy: bool = False
     """Also compute each response token's entropy of that distribution (no gradient) into
     ``StepStats.token_entropy`` (TRL logs its mean)."""
+
+    # tensor and context parallel
+    cp_mesh: object | None = None
+    """Context parallel: a 1-D ``DeviceMesh`` or ``ProcessGroup`` whose ranks split each
+    prompt's phase A (each keeps its slice's K/V and activations) and share its response
+    microbatches (each runs on one rank); every rank passes the same groups, and gradients are
+    summed over it. ``None``: off. Runs through :func:`hbmplan.memory` (see
+    :mod:`hbmplan.distributed.context_parallel`); no offload, dense models."""
+    cp_exchange: CPExchange = "auto"
+    """How a response microbatch reaches the other ranks' prompt slices: "pass-q" (send its
+    queries, get back partial outputs and log-sum-exps), "all-gather" (gather the slices' K/V),
+    or "auto" (whichever moves fewer bytes, per round of microbatches)."""
+    cp_balance: CPBalance = "zigzag"
+    """How the prompt is split: "zigzag" (2·cp chunks, rank r takes chunks r and 2·cp-1-r:
+    equal causal work) or "contiguous" (cp chunks in order)."""
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTIONS:
@@ -173,6 +206,10 @@ class ReuseConfig:
             raise TypeError(f"rates must be an hbmplan Rates, got {type(self.rates).__name__}")
         _check_bool("check_finite", self.check_finite)
         _check_bool("atomic", self.atomic)
+        if self.grad_sync not in GRAD_SYNCS:
+            raise ValueError(
+                f"grad_sync must be 'phase-c' or 'every-microbatch', got {self.grad_sync!r}"
+            )
         _check_bool("skip_inert", self.skip_inert)
         _check_bool("check_skips", self.check_skips)
         if self.token_filter is not None and not isinstance(self.token_filter, TokenFilter):
@@ -185,6 +222,31 @@ class ReuseConfig:
             raise ValueError(f"temperature must be a finite number > 0, got {t!r}")
         object.__setattr__(self, "temperature", float(t))
         _check_bool("entropy", self.entropy)
+        self._check_parallel()
+
+    def _check_parallel(self) -> None:
+        if self.cp_exchange not in CP_EXCHANGES:
+            raise ValueError(f"cp_exchange must be one of {CP_EXCHANGES}, got {self.cp_exchange!r}")
+        if self.cp_balance not in CP_BALANCES:
+            raise ValueError(f"cp_balance must be one of {CP_BALANCES}, got {self.cp_balance!r}")
+        if self.cp_mesh is None:
+            return
+        import torch.distributed as dist
+
+        mesh = self.cp_mesh
+        is_mesh = type(mesh).__name__ == "DeviceMesh" and hasattr(mesh, "get_group")
+        if not (is_mesh or isinstance(mesh, dist.ProcessGroup)):
+            raise TypeError(
+                f"cp_mesh must be a 1-D DeviceMesh or a ProcessGroup, got {type(mesh).__name__}"
+            )
+        if is_mesh and mesh.ndim != 1:
+            raise ValueError(f"cp_mesh must be 1-D (slice the CP dimension), got {mesh.ndim}-D")
+        if self.offloads:
+            raise ValueError(
+                "context parallel runs without offload: give no hbm_budget and offload other "
+                f"than 'all' with cp_mesh, got hbm_budget={self.hbm_budget}, "
+                f"offload={self.offload!r}"
+            )
 
     @property
     def offloads(self) -> bool:

@@ -3,7 +3,14 @@
 
 from __future__ import annotations
 
-__all__ = ["BudgetError", "HostMemoryError", "PoolExhaustedError"]
+__all__ = [
+    "BudgetError",
+    "DataParallelError",
+    "HostMemoryError",
+    "ParallelLayoutError",
+    "PoolExhaustedError",
+    "RankFailureError",
+]
 
 _MIB = 2**20
 
@@ -62,3 +69,37 @@ class PoolExhaustedError(MemoryError):
 
     def __reduce__(self):
         return (type(self), (self.requested, self.largest_free, self.capacity, self.used))
+
+
+class ParallelLayoutError(ValueError):
+    """A tensor- or context-parallel layout the reuse step cannot run exactly: K/V heads not
+    divisible by the tensor-parallel degree, a per-head norm whose gradient would be a per-rank
+    partial sum or be all-reduced after every backward, a prompt split that is not supported.
+    The message names the module, the rule and the supported alternative."""
+
+
+class DataParallelError(ValueError):
+    """A data-parallel model or option hbmplan cannot run: a grouped ``fully_shard`` unit, an
+    FSDP2 model whose root is not sharded, ``grad_sync="every-microbatch"`` under DDP."""
+
+
+class RankFailureError(RuntimeError):
+    """A data-parallel step failed on one or more ranks; every rank raises and restores its
+    gradients (a failing rank raises its own error, with a note naming the ranks).
+
+    Attributes:
+        ranks: the failing ranks, ascending.
+        errors: each failing rank's error, as ``"Type: message"``.
+    """
+
+    def __init__(self, errors: dict[int, str]) -> None:
+        self.errors = dict(sorted(errors.items()))
+        self.ranks = list(self.errors)
+        detail = "; ".join(f"rank {r}: {e}" for r, e in self.errors.items())
+        super().__init__(
+            f"the step failed on rank(s) {self.ranks} ({detail}); every rank restored its "
+            "gradients and the next step may run"
+        )
+
+    def __reduce__(self):
+        return (type(self), (self.errors,))

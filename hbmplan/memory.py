@@ -17,7 +17,23 @@ from torch import nn
 from hbmplan.atomic import GradStash
 from hbmplan.capacity.flops import skipped_flops
 from hbmplan.capacity.presets import model_spec
-from hbmplan.config import Attention, OffloadMode, ReuseConfig, RouterLossMode, parse_bytes
+from hbmplan.config import (
+    Attention,
+    CPBalance,
+    CPExchange,
+    GradSync,
+    OffloadMode,
+    ReuseConfig,
+    RouterLossMode,
+    parse_bytes,
+)
+from hbmplan.distributed.data_parallel import (
+    all_ranks,
+    data_parallel,
+    sum_router_counts,
+    unwrap,
+)
+from hbmplan.distributed.step_hooks import DataParallelParticipant
 from hbmplan.group import Group
 from hbmplan.models.adapter import CausalLMAdapter, adapt, model_device
 from hbmplan.planner import Rates
@@ -89,6 +105,8 @@ class Report:
             lines.append(f"filtered (approximate): {s.filtered_tokens} response token(s)")
         if s.router is not None:
             lines += _router_lines(s.router)
+        if s.data_parallel is not None:
+            lines.append(str(s.data_parallel))
         if self.failed_steps:
             lines.append(f"{self.failed_steps} step(s) failed and were rolled back")
         return "\n".join(lines)
@@ -126,7 +144,12 @@ class MemoryContext:
     ) -> None:
         if not isinstance(config, ReuseConfig):
             raise TypeError(f"config must be an hbmplan ReuseConfig, got {type(config).__name__}")
-        self.adapter: CausalLMAdapter = adapt(model)
+        self.data_parallel = (
+            data_parallel(model, config.grad_sync) if isinstance(model, nn.Module) else None
+        )
+        self.adapter: CausalLMAdapter = adapt(
+            unwrap(model) if isinstance(model, nn.Module) else model
+        )
         resolve_router_loss(config.router_loss, self.adapter.router)
         self.config = config
         self.model = self.adapter.model
@@ -134,6 +157,20 @@ class MemoryContext:
             model_device(self.adapter), config
         )
         self._participants = [*offload, *participants]
+        self._cp = None
+        if config.cp_mesh is not None:
+            from hbmplan.distributed.context_parallel import CPComm, cp_group
+
+            if participants or self.data_parallel is not None:
+                raise ValueError(
+                    "context parallel steps take no participants and no data-parallel model "
+                    "(FSDP2/DDP) yet"
+                )
+            self._cp = CPComm(cp_group(config.cp_mesh))
+        self._dp_part = None
+        if self.data_parallel is not None:
+            self._dp_part = DataParallelParticipant(self.data_parallel)
+            self._participants.append(self._dp_part)
         self._report = Report()
         self._active = False
         self._saved_state: tuple[dict[nn.Module, bool], dict[nn.Parameter, bool]] | None = None
@@ -165,10 +202,18 @@ class MemoryContext:
         loss_fn: LossFn,
         tokens_per_microbatch: int | None = None,
         token_filter: TokenFilter | None = None,
+        *,
+        sync: bool = True,
     ) -> StepStats:
         """Train on ``groups`` with the reuse schedule, like ``loss.backward()``: gradients
         accumulate into ``.grad``. With ``atomic=True`` (the default) a step that raises leaves
         every ``.grad`` exactly as it was and the exception propagates.
+
+        Under FSDP2 or DDP every rank calls ``step`` with its own groups (a group never spans
+        ranks) and the same ``sync``; afterwards every rank holds the gradients of the union of
+        all ranks' groups divided by the world size. A step that fails on one rank raises on
+        every rank (:class:`hbmplan.errors.RankFailureError` where it succeeded, its own error
+        where it failed) and every rank's gradients are restored.
 
         Args:
             groups: list of :class:`hbmplan.Group`.
@@ -176,6 +221,9 @@ class MemoryContext:
             tokens_per_microbatch: overrides the context's packing budget for this step.
             token_filter: overrides the context's token filter for this step (``None``: the
                 context's).
+            sync: data parallel only: reduce the gradients across ranks after this step
+                (``True``), or accumulate them locally (``False``; the next ``sync=True`` step
+                reduces the accumulated total once). Without data parallelism: ignored.
         """
         if not self._active:
             raise RuntimeError("step() must run inside `with hbmplan.memory(model) as mem:`")
@@ -185,8 +233,33 @@ class MemoryContext:
         if token_filter is not None:
             config = config.replace(token_filter=token_filter)
         stash = GradStash(self.model.parameters()) if config.atomic else None
+        dp = self.data_parallel
+        if self._dp_part is not None:
+            self._dp_part.prepare(sync)
         try:
-            stats = run_step(self.adapter, groups, loss_fn, config, self._participants)
+            if self._cp is not None:
+                from hbmplan.distributed.context_parallel import cp_step
+
+                stats = cp_step(self.adapter, groups, loss_fn, config, self._cp)
+            else:
+                try:
+                    if dp is not None and not groups:  # no work here: join the others' collectives
+                        dp.begin(0, sync)
+                        self._join_router_counts(config)
+                        stats = StepStats("reuse")
+                    else:
+                        stats = run_step(self.adapter, groups, loss_fn, config, self._participants)
+                except BaseException as exc:
+                    if (
+                        dp is not None
+                    ):  # every rank votes, also one that failed before the step began
+                        if not dp._active:
+                            dp.begin(0, sync)
+                        self._join_router_counts(config)
+                        dp.end(False, exc)
+                    raise
+                if dp is not None:
+                    dp.end(True, None)  # raises when another rank failed
         except BaseException:
             if stash is not None:
                 stash.restore()
@@ -194,6 +267,10 @@ class MemoryContext:
             raise
         if stash is not None:
             stash.merge()
+        if dp is not None:
+            dp.after_merge(sync)
+            stats.data_parallel = dp.stats
+            all_ranks(dp.stats, stats.seconds, stats.peak_bytes, dp.group)
         if stats.skipped.shapes:
             try:
                 flops = skipped_flops(model_spec(self.model), stats.skipped.shapes)
@@ -203,6 +280,22 @@ class MemoryContext:
         self._report.steps += 1
         self._report.last = stats
         return stats
+
+    @property
+    def cp_bytes(self) -> dict[str, int]:
+        """Context parallel: bytes this rank received per phase ("A", "B", "C"), totals over the
+        context's steps; empty without ``cp_mesh``."""
+        return dict(self._cp.received) if self._cp is not None else {}
+
+    def _join_router_counts(self, config: ReuseConfig) -> None:
+        """A rank with no groups, or one that failed before its counting pass, still joins the
+        ranks' sum of global-batch router counts (the collective sequence stays the same)."""
+        part = self._dp_part
+        if part is None or part.counted:
+            return
+        if config.router_loss == "global-batch" and self.adapter.router is not None:
+            part.counted = True
+            sum_router_counts(None, 0, part.engine.group)
 
     def report(self) -> Report:
         """Measurements so far: per-phase time and peak memory, K/V and gradient-cache bytes."""
@@ -223,9 +316,13 @@ def memory(
     attention: Attention = "auto",
     deterministic: bool = False,
     participants: Sequence[Participant] = (),
+    grad_sync: GradSync = "phase-c",
     skip_inert: bool = True,
     check_skips: bool = False,
     token_filter: TokenFilter | None = None,
+    cp_mesh: object | None = None,
+    cp_exchange: CPExchange = "auto",
+    cp_balance: CPBalance = "zigzag",
     temperature: float = 1.0,
     entropy: bool = False,
 ) -> MemoryContext:
@@ -251,12 +348,24 @@ def memory(
             step's stats (what TRL's trainers score with; see :class:`hbmplan.ReuseConfig`).
         participants: more phase-hook participants for every step (see
             :mod:`hbmplan.runtime.participant`).
+        grad_sync: for an FSDP2 model, when gradients are reduce-scattered: "phase-c" (once per
+            step) or "every-microbatch" (after every backward); see
+            :class:`hbmplan.ReuseConfig`. A DDP model takes "phase-c" only.
+
+    A model wrapped with ``fully_shard`` (each decoder layer and the root) or
+    ``DistributedDataParallel`` trains data-parallel: see :meth:`MemoryContext.step` and
+    :mod:`hbmplan.distributed.data_parallel`.
+        cp_mesh, cp_exchange, cp_balance: context parallel (a 1-D ``DeviceMesh`` or
+            ``ProcessGroup`` splitting each prompt over its ranks; how responses reach the
+            slices; how the prompt is split), see :mod:`hbmplan.distributed.context_parallel`.
+            A model parallelised with DTensor tensor parallel needs nothing here.
     """
     config = ReuseConfig(
         tokens_per_microbatch=tokens_per_microbatch, grad_cache_dtype=grad_cache_dtype,
         check_finite=check_finite, router_loss=router_loss, attention=attention,
         deterministic=deterministic, hbm_budget=hbm_budget, offload=offload, rates=rates,
-        atomic=atomic, skip_inert=skip_inert, check_skips=check_skips, token_filter=token_filter,
+        atomic=atomic, grad_sync=grad_sync, skip_inert=skip_inert, check_skips=check_skips,
+        token_filter=token_filter, cp_mesh=cp_mesh, cp_exchange=cp_exchange, cp_balance=cp_balance,
         temperature=temperature, entropy=entropy,
     )  # fmt: skip
     return MemoryContext(model, config, participants)

@@ -51,9 +51,17 @@ def test_config_is_frozen_and_normalised():
     assert set(fields) == {
         "tokens_per_microbatch", "grad_cache_dtype", "check_finite", "router_loss", "attention",
         "deterministic", "hbm_budget", "offload", "rates", "atomic",
+        "grad_sync",  # data parallel
         "skip_inert", "check_skips", "token_filter",  # token filtering
+        "cp_mesh", "cp_exchange", "cp_balance",
         "temperature", "entropy",  # TRL
     }  # fmt: skip
+
+
+def test_grad_sync_is_validated():
+    assert ReuseConfig().grad_sync == "phase-c"
+    with pytest.raises(ValueError, match="grad_sync must be"):
+        ReuseConfig(grad_sync="always")
 
 
 def test_memory_builds_one_config_from_its_keywords():

@@ -33,6 +33,7 @@ def test_every_python_block_is_covered_here():
     names = ["ReferenceDecoder(DecoderConfig(vocab_size=1000, hidden_size=128, num_layers=2",
              "from_pretrained(checkpoint", "global_mean = ", "static = params", 'hbm_budget="',
              "from hbmplan.rag import",  # tests/rag/test_readme_rag.py
+             "fully_shard(layer",  # on 2 ranks: tests/distributed/test_data_parallel.py
              "token_filter=EntropyQuantile"]  # fmt: skip
     assert len(_blocks()) == len(names)
     for needle in names:

@@ -21,6 +21,7 @@ from hbmplan.capacity.static import (
     Optimizer,
     Shards,
     StaticMemory,
+    reuse_static_memory,
     static_memory,
     tp_problem,
 )
@@ -113,6 +114,14 @@ class FrontierConfig:
     """Whose measured rates time the step (a name in :data:`~hbmplan.capacity.steptime.CARDS`,
     kept as the :class:`~hbmplan.capacity.steptime.Card`); ``None``: no step times. Only 16-bit
     models on ``target="cuda"`` get times."""
+    # data parallel
+    grad_sync: str | None = None
+    """With ``shards.fsdp > 1``, what the reuse schedules hold beside their activations:
+    ``None``, FSDP's own layout (two gathered layers), as a per-layer gather schedule would;
+    "phase-c" or "every-microbatch", what hbmplan's FSDP2 driver (:mod:`hbmplan.distributed`)
+    holds today with that ``grad_sync``: every parameter gathered through the step and, with
+    "phase-c", the gradients too (see :func:`~hbmplan.capacity.static.reuse_static_memory`).
+    The dense schedules keep FSDP's own layout."""
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -145,6 +154,10 @@ class FrontierConfig:
             set_("card", CARDS[card])
         elif card is not None and not isinstance(card, Card):
             raise TypeError(f"card must be a name, a Card or None, got {type(card).__name__}")
+        if self.grad_sync not in (None, "phase-c", "every-microbatch"):
+            raise ValueError(
+                f"grad_sync must be None, 'phase-c' or 'every-microbatch', got {self.grad_sync!r}"
+            )
         c = self.calibrate
         number = isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0
         if not (c is None or number or isinstance(c, (torch.nn.Module, Calibration))):
@@ -184,6 +197,7 @@ def frontier(
     prompt_len: int | None = None,
     card: str | Card | None = "h200",
     config: FrontierConfig | None = None,
+    grad_sync: str | None = None,
 ) -> FrontierResult:
     """ESTIMATE, per schedule, the longest prompt P whose training step fits in ``hbm``.
 
@@ -203,8 +217,8 @@ def frontier(
         response_len: S tokens per response.
         schedules, dtype, optimizer, shards, calibrate, fragmentation, rows_per_microbatch,
             master_weights, grad_cache_dtype, prefetch_layers, target, fused_gqa,
-            offload_during_a, attention, max_prompt_len, prompt_len, card: the options, each
-            documented on :class:`FrontierConfig`.
+            offload_during_a, attention, max_prompt_len, prompt_len, card, grad_sync: the
+            options, each documented on :class:`FrontierConfig`.
         config: the options as one :class:`FrontierConfig` instead of keywords (both: a
             ``TypeError``).
     """
@@ -214,7 +228,7 @@ def frontier(
         rows_per_microbatch=rows_per_microbatch, master_weights=master_weights,
         grad_cache_dtype=grad_cache_dtype, prefetch_layers=prefetch_layers, target=target,
         fused_gqa=fused_gqa, offload_during_a=offload_during_a, attention=attention,
-        max_prompt_len=max_prompt_len, prompt_len=prompt_len, card=card,
+        max_prompt_len=max_prompt_len, prompt_len=prompt_len, card=card, grad_sync=grad_sync,
     )  # fmt: skip
     cfg = config_or_keywords(config, FrontierConfig, keywords, "the frontier's options")
     return _search(model_or_config, hbm, group_size, response_len, cfg)
@@ -239,6 +253,11 @@ def _search(
     calibration = cfg.calibration()
     scale = calibration.scale if calibration is not None else 1.0
     static = static_memory(spec, dt, cfg.optimizer, shards, cfg.master_weights)
+    reuse_static = (
+        static
+        if cfg.grad_sync is None
+        else reuse_static_memory(static, spec, dt, shards, cfg.grad_sync)
+    )
     usable = int(hbm_bytes * (1.0 - cfg.fragmentation))
 
     def phases(schedule: Schedule, P: int, **plan: int) -> dict[str, PhaseBytes]:
@@ -247,18 +266,22 @@ def _search(
             spec, P, [S] * G, schedule, dt, target=target, tokens_per_microbatch=rows * row_len,
             grad_cache_dtype=cfg.grad_cache_dtype, tp=shards.tp,
             prefetch_layers=cfg.prefetch_layers, fused_gqa=cfg.fused_gqa,
-            offload_during_a=cfg.offload_during_a, attention=cfg.attention,
+            offload_during_a=cfg.offload_during_a, attention=cfg.attention, cp=shards.cp,
             **plan,
         )  # fmt: skip
 
-    def peaks(ph: dict[str, PhaseBytes]) -> dict[str, int]:
-        return {k: static.total + math.ceil(v.total * scale) for k, v in ph.items()}
+    def peaks(ph: dict[str, PhaseBytes], schedule: Schedule) -> dict[str, int]:
+        held = (reuse_static if schedule.startswith("reuse") else static).total
+        return {k: held + math.ceil(v.total * scale) for k, v in ph.items()}
 
     def fits(schedule: Schedule, P: int, **plan: int) -> bool:
-        return max(peaks(phases(schedule, P, **plan)).values()) <= usable
+        return max(peaks(phases(schedule, P, **plan), schedule).values()) <= usable
 
     out: dict[str, ScheduleFrontier] = {}
-    for schedule in dict.fromkeys(cfg.schedules):
+    schedules = dict.fromkeys(cfg.schedules)
+    if shards.cp > 1:  # context parallel runs without offload or recompute
+        schedules = {s: None for s in schedules if s in ("dense", "reuse")}
+    for schedule in schedules:
         lo, hi = 0, cfg.max_prompt_len + 1  # invariant: lo fits (or is 0), hi does not
         if fits(schedule, 2):
             lo, step = 2, 2
@@ -270,13 +293,14 @@ def _search(
                 lo, hi = (mid, hi) if fits(schedule, mid) else (lo, mid)
         ph = phases(schedule, max(lo, 2))
         out[schedule] = ScheduleFrontier(
-            schedule, lo, lo + S if lo else 0, lo == cfg.max_prompt_len, ph, peaks(ph)
+            schedule, lo, lo + S if lo else 0, lo == cfg.max_prompt_len, ph, peaks(ph, schedule)
         )
     P = cfg.prompt_len or min(
         (f.max_prompt_len for f in out.values() if f.max_prompt_len), default=0
     )
     card = cfg.card
-    timed = card is not None and target == "cuda" and dt.itemsize == 2
+    # step times under context parallel are not modelled (its collectives are not timed)
+    timed = card is not None and target == "cuda" and dt.itemsize == 2 and shards.cp == 1
     if timed and P:
         layer_bytes = prompt_layer_bytes(spec, P, dt, target=target, tp=shards.tp,
                                           fused_gqa=cfg.fused_gqa)  # fmt: skip

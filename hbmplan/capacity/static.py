@@ -12,7 +12,15 @@ import torch
 from hbmplan.capacity.presets import ModelSpec
 from hbmplan.capacity.step_bytes import to_dtype
 
-__all__ = ["OPTIMIZERS", "Optimizer", "Shards", "StaticMemory", "static_memory", "tp_problem"]
+__all__ = [
+    "OPTIMIZERS",
+    "Optimizer",
+    "Shards",
+    "StaticMemory",
+    "reuse_static_memory",
+    "static_memory",
+    "tp_problem",
+]
 
 Optimizer = Literal["adamw", "sgd", "none"]
 _OPTIMIZER_BYTES = {"adamw": 8, "sgd": 4, "none": 0}  # fp32 state bytes per parameter
@@ -35,9 +43,13 @@ class Shards:
     tp: int = 1
     """Tensor-parallel degree; :func:`frontier` requires it to divide the model's query and
     key/value heads (see :func:`tp_problem`)."""
+    cp: int = 1
+    """Context-parallel degree: divides the prompt's activations, K/V and gradient cache (the
+    reuse schedule) or each trajectory (dense); parameters are replicated over it. See
+    :func:`hbmplan.capacity.step_bytes.estimate_step`'s ``cp``."""
 
     def __post_init__(self) -> None:
-        for name in ("fsdp", "tp"):
+        for name in ("fsdp", "tp", "cp"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"shards.{name} must be an int >= 1, got {v!r}")
@@ -100,3 +112,26 @@ def static_memory(
         gradients=math.ceil(resident * dtype.itemsize),
         optimizer=math.ceil(local * state),
     )
+
+
+def reuse_static_memory(
+    static: StaticMemory,
+    spec: ModelSpec,
+    dtype: str | torch.dtype,
+    shards: Shards,
+    grad_sync: str = "phase-c",
+) -> StaticMemory:
+    """``static`` as a reuse step under FSDP2 holds it (:mod:`hbmplan.distributed`): every
+    parameter stays gathered through the step (``N / tp`` elements), and with
+    ``grad_sync="phase-c"`` so do the gradients until the reduce-scatter after phase C (the
+    sharded ones are made then, as the unsharded ones go); ``"every-microbatch"`` keeps FSDP's
+    gradient layout. Never more than without FSDP, so the frontier still grows with ``fsdp``. Unchanged without FSDP
+    (``shards.fsdp == 1``)."""
+    if shards.fsdp == 1:
+        return static
+    if grad_sync not in ("phase-c", "every-microbatch"):
+        raise ValueError(f"grad_sync must be 'phase-c' or 'every-microbatch', got {grad_sync!r}")
+    item = to_dtype(dtype).itemsize
+    full = math.ceil(spec.num_parameters / shards.tp * item)
+    grads = full if grad_sync == "phase-c" else static.gradients
+    return StaticMemory(parameters=full, gradients=grads, optimizer=static.optimizer)

@@ -164,6 +164,7 @@ def estimate_step(
     attention: str = "auto",
     recompute_layers: int | None = None,
     offload_layers: int | None = None,
+    cp: int = 1,
 ) -> dict[str, PhaseBytes]:
     """Predicted peak bytes per phase of one group's step, parameters excluded.
 
@@ -205,6 +206,15 @@ def estimate_step(
         offload_layers: "reuse+offload" only: how many of the first layers offload (the
             planner's layer-by-layer order; as few as the budget allows); the others keep
             their tensors. ``None``: every layer.
+        cp: context-parallel degree, per rank. Reuse schedules
+            (:mod:`hbmplan.distributed.context_parallel`): the prompt's activations, K/V and
+            gradient cache are a ceil((P-1)/cp)-token slice; phase A adds one layer's gathered
+            K/V and position mask as working memory; a phase-B microbatch runs on one rank and
+            keeps, per layer, its partial attentions' outputs and log-sum-exps and what the
+            cheaper exchange by volume moved (pass-Q: the gathered queries; all-gather: every
+            slice's K/V), working in [Hq, queries, 1024-key] blocks. Dense schedules: each
+            trajectory split cp ways (PyTorch's ``context_parallel``), its saved tensors
+            divided by cp, transients not modelled.
 
     Returns:
         ``{"A", "B", "C"}`` for the reuse schedules, ``{"dense"}`` for the dense ones.
@@ -225,8 +235,15 @@ def estimate_step(
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if target not in ("cpu", "cuda"):
         raise ValueError(f"target must be 'cpu' or 'cuda', got {target!r}")
-    if tp < 1 or prefetch_layers < 1:
-        raise ValueError(f"tp and prefetch_layers must be >= 1, got {tp} and {prefetch_layers}")
+    if tp < 1 or prefetch_layers < 1 or cp < 1:
+        raise ValueError(
+            f"tp, cp and prefetch_layers must be >= 1, got {tp}, {cp} and {prefetch_layers}"
+        )
+    if cp > 1 and schedule != "reuse" and schedule != "dense":
+        raise ValueError(
+            f"cp > 1 is modelled for the 'reuse' and 'dense' schedules (context parallel runs "
+            f"without offload or recompute), got {schedule!r}"
+        )
     for name, n in (("recompute_layers", recompute_layers), ("offload_layers", offload_layers)):
         if n is not None and not 0 <= n <= spec.num_layers:
             raise ValueError(f"{name} must lie in [0, {spec.num_layers}] (layers), got {n}")
@@ -254,11 +271,13 @@ def estimate_step(
                 )
                 cand = max(at_head, at_layer, key=_total)
             else:
-                saved, ws = _pass(b, rows, T, 0, N)
+                saved, ws = _pass(b, rows, -(-T // cp), 0, -(-N // cp))
                 cand = PhaseBytes(microbatch=saved, workspace=ws)
             best = max(best, cand, key=_total)
         return {"dense": best}
 
+    if cp > 1:
+        return _reuse_cp(b, spec, P, lens, tokens_per_microbatch, grad_cache_dtype, cp)
     Pm = P - 1
     gc_dt = to_dtype(grad_cache_dtype) if grad_cache_dtype is not None else None
     if gc_dt is None:
@@ -324,6 +343,48 @@ def estimate_step(
         grad_cache=cache,
         workspace=(casts + max(bwd_ws - cache, 0)) if cuda else 0,
     )
+    return {"A": a, "B": phase_b, "C": c}
+
+
+def _reuse_cp(b, spec, P, lens, tokens_per_microbatch, grad_cache_dtype, cp):
+    """:func:`estimate_step`'s "reuse" on one of ``cp`` context-parallel ranks (see ``cp``)."""
+    Pm, dt = P - 1, b.dtype
+    Pl = -(-Pm // cp)  # the longest slice
+    gc_dt = to_dtype(grad_cache_dtype) if grad_cache_dtype is not None else None
+    if gc_dt is None:
+        gc_dt = torch.float32 if dt in (torch.bfloat16, torch.float16) else dt
+    L, cuda, D = spec.num_layers, b.target == "cuda", spec.head_dim
+    kv = L * b.kv(Pl)
+    cache = kv // b.it * gc_dt.itemsize
+    graph = b.prompt_graph(Pl + 1)
+    gathered = b.kv(Pm) + Pl * Pm  # one layer's K/V of every slice, and the bool mask
+    full = b.layers(1, Pl, 0) - kv + b.outside_layers(1, Pl, (Pl + 1) * 8)
+    a = PhaseBytes(prompt_activations=full, prompt_kv=kv, workspace=gathered if cuda else 0)
+    acc = 4 if b.it < 4 else b.it
+    mb_saved, mb_ws = 0, 0
+    for rows, T, N in _shapes(lens, lens, tokens_per_microbatch, True):
+        saved, ws = _pass(b, 1, T, 0, N)
+        partial = T * b.hq * (D + 1) * acc  # one (O, LSE) over T queries
+        q_moves = (cp - 1) * T * b.hq * (4 * D + 2)
+        kv_moves = (cp - 1) * Pl * 4 * b.hkv * D
+        if q_moves <= kv_moves:  # the gathered queries, their partials sent and received
+            exchange, queries = cp * T * b.hq * D * b.it + 2 * cp * partial, cp * T
+        else:  # every slice's K/V, and the partial over them
+            exchange, queries = b.kv(Pm) + partial, T
+        # per layer: its own rows' partial, the exchange's, the merge; one key block at a time
+        saved += 4 * (rows + 1) + L * (2 * partial + exchange)
+        block = 3 * b.hq * queries * min(1024, max(Pl, T)) * acc if cuda else 0
+        if saved + ws + block > mb_saved + mb_ws:
+            mb_saved, mb_ws = saved, ws + block
+    phase_b = PhaseBytes(
+        prompt_activations=graph, prompt_kv=kv, grad_cache=cache, microbatch=mb_saved,
+        workspace=mb_ws,
+    )  # fmt: skip
+    casts = kv if gc_dt != dt and cuda else 0
+    c = PhaseBytes(
+        prompt_activations=graph, prompt_kv=kv, grad_cache=cache,
+        workspace=casts + 2 * gathered if cuda else 0,
+    )  # fmt: skip
     return {"A": a, "B": phase_b, "C": c}
 
 

@@ -29,8 +29,9 @@ import torch
 from torch import nn
 
 from hbmplan.models.moe import MoEDecoder, RouterSpec
-from hbmplan.models.packed import KV, PackedPrefix
+from hbmplan.models.packed import KV, PackedPrefix, PrefixAttention
 from hbmplan.models.reference import ReferenceDecoder
+from hbmplan.models.tensor_parallel import check_tensor_parallel
 
 __all__ = [
     "KV",
@@ -139,8 +140,12 @@ class ReferenceAdapter(AdapterBase):
     def layers(self) -> nn.ModuleList:
         return self.model.layers
 
-    def prompt_kv(self, ids: torch.Tensor, positions: torch.Tensor) -> list[KV]:
-        _, kvs = self.model(ids, positions)
+    def prompt_kv(
+        self, ids: torch.Tensor, positions: torch.Tensor, attention: PrefixAttention | None = None
+    ) -> list[KV]:
+        """``attention``: run the prompt's own attention through it (one packed row; context
+        parallel's prompt slice), instead of plain causal attention."""
+        _, kvs = self.model(ids, positions, prefix_kv=attention)
         return kvs
 
     def response_hidden(
@@ -152,6 +157,11 @@ class ReferenceAdapter(AdapterBase):
     def packed_unsupported(self, context_len: int) -> str | None:
         """The reference decoders attend over any context in packed rows."""
         return None
+
+    def check_schedulable(self) -> None:
+        """A tensor-parallel layout the step cannot run exactly raises
+        :class:`hbmplan.ParallelLayoutError` (:mod:`hbmplan.models.tensor_parallel`)."""
+        check_tensor_parallel(self.model, self.layers, self.model.cfg.num_kv_heads)
 
     def full_hidden(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden, _ = self.model(ids, positions)

@@ -33,7 +33,8 @@ from torch import nn
 
 from hbmplan.models.adapter import AdapterBase
 from hbmplan.models.moe import RouterSpec
-from hbmplan.models.packed import KV, PackedPrefix
+from hbmplan.models.packed import KV, PrefixAttention
+from hbmplan.models.tensor_parallel import check_tensor_parallel
 
 __all__ = [
     "ATTENTION_NAME",
@@ -90,7 +91,7 @@ def packed_prefix_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     sliding_window: int | None = None,
-    hbmplan_prefix: PackedPrefix | None = None,
+    hbmplan_prefix: PrefixAttention | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """An ``AttentionInterface`` function: the packed row's attention over the prompt K/V.
@@ -188,7 +189,15 @@ class HFAdapter(AdapterBase):
     def check_schedulable(self) -> None:
         """``ValueError`` when the model's settings stop the reuse schedule: Hugging Face gradient
         checkpointing (in training mode) drops the K/V cache that phase A fills and phase B reads.
-        hbmplan keeps or offloads the prompt's activations itself (``hbm_budget=``)."""
+        hbmplan keeps or offloads the prompt's activations itself (``hbm_budget=``). A
+        tensor-parallel layout it cannot run exactly raises :class:`hbmplan.ParallelLayoutError`
+        (:mod:`hbmplan.models.tensor_parallel`)."""
+        kv_heads = int(getattr(self.config, "num_key_value_heads", None) or 0) or int(
+            self.config.num_attention_heads
+        )
+        check_tensor_parallel(
+            self.model, self.layers, kv_heads, getattr(self.model, "_tp_plan", None)
+        )
         checkpointed = [
             i
             for i, layer in enumerate(self.layers)
@@ -240,7 +249,7 @@ class HFAdapter(AdapterBase):
         positions: torch.Tensor,
         cache,
         router_logits: list[torch.Tensor] | None = None,
-        packed: PackedPrefix | None = None,
+        packed: PrefixAttention | None = None,
     ) -> torch.Tensor:
         kwargs = {self._cache_kw: cache, "use_cache": cache is not None}
         if router_logits is not None:
@@ -261,11 +270,14 @@ class HFAdapter(AdapterBase):
         ids: torch.Tensor,
         positions: torch.Tensor,
         router_logits: list[torch.Tensor] | None = None,
+        attention: PrefixAttention | None = None,
     ) -> list[KV]:
+        """``attention``: the prompt's own attention runs through it (one packed row, as phase B's
+        packed rows do; context parallel's prompt slice) instead of the model's causal mask."""
         # No config: plain full-attention layers that keep every prompt position (a sliding-window
         # layer type would crop the cache; the mask builder still applies the window).
         cache = self._dynamic_cache()
-        self._run(ids, positions, cache, router_logits)
+        self._run(ids, positions, cache, router_logits, packed=attention)
         kvs = [(layer.keys, layer.values) for layer in cache.layers]
         if len(kvs) != self.num_layers:
             raise ValueError(
@@ -277,10 +289,10 @@ class HFAdapter(AdapterBase):
         self,
         ids: torch.Tensor,
         positions: torch.Tensor,
-        prefix_kv: list[KV] | PackedPrefix,
+        prefix_kv: list[KV] | PrefixAttention,
         router_logits: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        if isinstance(prefix_kv, PackedPrefix):
+        if isinstance(prefix_kv, PrefixAttention):
             if prefix_kv.num_layers != self.num_layers:
                 raise ValueError(
                     f"prefix_kv must hold one (k, v) per layer ({self.num_layers}), got "

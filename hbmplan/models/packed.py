@@ -16,7 +16,16 @@ import torch
 
 from hbmplan.kernels.prefix_attention import prefix_attention
 
-__all__ = ["KV", "KernelImpl", "PackedLayer", "PackedPrefix", "as_rows", "cu_seqlens_for"]
+__all__ = [
+    "KV",
+    "KernelImpl",
+    "LayerAttention",
+    "PackedLayer",
+    "PackedPrefix",
+    "PrefixAttention",
+    "as_rows",
+    "cu_seqlens_for",
+]
 
 KernelImpl = Literal["triton", "reference"]
 
@@ -31,8 +40,34 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x[0].transpose(0, 1)
 
 
+class LayerAttention:
+    """One layer's attention of a row of packed tokens: ``attend(q [T, Hq, D], k, v [T, Hkv, D],
+    scale) -> [T, Hq, D]``, over whatever its :class:`PrefixAttention` holds (the prompt K/V in
+    place, or, under context parallel, slices of it on other ranks) and the rows' own tokens."""
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class PrefixAttention:
+    """What a model forward over one packed row attends through, per layer (``layer(i)``): the
+    models take it where they take prefix K/V (``prefix_kv=``, HF's ``hbmplan_prefix``).
+
+    Attributes a subclass provides: ``num_layers``; ``prefix_len``, the prompt keys each query
+    sees; ``max_seqlen``, the longest packed row."""
+
+    num_layers: int
+    prefix_len: int
+    max_seqlen: int
+
+    def layer(self, index: int) -> LayerAttention:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class PackedLayer:
+class PackedLayer(LayerAttention):
     """One layer's share of a :class:`PackedPrefix`."""
 
     prefix: PackedPrefix
@@ -68,7 +103,7 @@ class PackedLayer:
 
 
 @dataclass(frozen=True)
-class PackedPrefix:
+class PackedPrefix(PrefixAttention):
     """The prompt K/V a packed microbatch reads, and where their gradients go.
 
     Attributes:

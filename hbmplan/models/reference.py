@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hbmplan.kernels.reference import prefix_attention_ref, rms_norm_ref
-from hbmplan.models.packed import KV, PackedLayer, PackedPrefix
+from hbmplan.models.packed import KV, LayerAttention, PrefixAttention
 
 __all__ = ["DecoderConfig", "ReferenceDecoder"]
 
@@ -104,6 +104,12 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
+def _heads(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """[..., H * dim] -> [..., H, dim]; H from the width, so that under tensor parallel a rank's
+    local heads work (and T = 0 tokens, which a -1 cannot resolve)."""
+    return x.view(*x.shape[:-1], x.shape[-1] // dim, dim)
+
+
 class SelfAttention(nn.Module):
     """Grouped-query self-attention with RoPE, optionally over a shared prefix K/V."""
 
@@ -120,39 +126,39 @@ class SelfAttention(nn.Module):
         self,
         a: torch.Tensor,
         rope_cs: tuple[torch.Tensor, torch.Tensor],
-        prefix: KV | PackedLayer | None,
+        prefix: KV | LayerAttention | None,
     ) -> tuple[torch.Tensor, KV]:
         """a: normed input [B, T, h]. Returns (output [B, T, h], post-RoPE (k, v) [B, Hkv, T, D]).
 
         ``prefix``: ``None`` (plain causal), a shared (k, v) [1 or B, Hkv, Pp, D] every row
         attends to, or a :class:`PackedLayer` (B = 1 row of packed sequences, attention through
         :func:`hbmplan.kernels.prefix_attention`)."""
-        if isinstance(prefix, PackedLayer):
+        if isinstance(prefix, LayerAttention):
             return self._packed(a, rope_cs, prefix)
         B, T, _ = a.shape
         D = self.dim
-        q = self.q_proj(a).view(B, T, self.heads, D).transpose(1, 2)
-        k = self.k_proj(a).view(B, T, self.kv_heads, D).transpose(1, 2)
-        v = self.v_proj(a).view(B, T, self.kv_heads, D).transpose(1, 2)
+        q = _heads(self.q_proj(a), D).transpose(1, 2)
+        k = _heads(self.k_proj(a), D).transpose(1, 2)
+        v = _heads(self.v_proj(a), D).transpose(1, 2)
         q, k = rope(q, *rope_cs), rope(k, *rope_cs)
         kp, vp = prefix if prefix is not None else (None, None)
         o = prefix_attention_ref(q, kp, vp, k, v)
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.heads * D)), (k, v)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, o.shape[1] * D)), (k, v)
 
     def _packed(
-        self, a: torch.Tensor, rope_cs: tuple[torch.Tensor, torch.Tensor], prefix: PackedLayer
+        self, a: torch.Tensor, rope_cs: tuple[torch.Tensor, torch.Tensor], prefix: LayerAttention
     ) -> tuple[torch.Tensor, KV]:
         B, T, _ = a.shape
         if B != 1:
             raise ValueError(f"packed sequences come as one row, got {B} rows")
         D = self.dim
         cos, sin = (t[0].transpose(0, 1) for t in rope_cs)  # [T, 1, D]
-        q = rope(self.q_proj(a).view(T, self.heads, D), cos, sin)
-        k = rope(self.k_proj(a).view(T, self.kv_heads, D), cos, sin)
-        v = self.v_proj(a).view(T, self.kv_heads, D)
+        q = rope(_heads(self.q_proj(a)[0], D), cos, sin)
+        k = rope(_heads(self.k_proj(a)[0], D), cos, sin)
+        v = _heads(self.v_proj(a)[0], D)
         o = prefix.attend(q, k, v)
         kv = (k.transpose(0, 1)[None], v.transpose(0, 1)[None])
-        return self.o_proj(o.reshape(1, T, self.heads * D)), kv
+        return self.o_proj(o.reshape(1, T, o.shape[1] * D)), kv
 
 
 class DecoderLayer(nn.Module):
@@ -170,7 +176,7 @@ class DecoderLayer(nn.Module):
         self,
         x: torch.Tensor,
         rope_cs: tuple[torch.Tensor, torch.Tensor],
-        prefix: KV | PackedLayer | None,
+        prefix: KV | LayerAttention | None,
     ) -> tuple[torch.Tensor, KV]:
         o, kv = self.attn(self.attn_norm(x), rope_cs, prefix)
         x = x + o
@@ -180,16 +186,16 @@ class DecoderLayer(nn.Module):
 
 
 def layer_prefixes(
-    prefix_kv: list[KV] | PackedPrefix | None, num_layers: int
-) -> list[KV | PackedLayer | None]:
+    prefix_kv: list[KV] | PrefixAttention | None, num_layers: int
+) -> list[KV | LayerAttention | None]:
     """Each layer's ``prefix`` argument from a decoder's ``prefix_kv``; ``ValueError`` unless it
     covers exactly ``num_layers`` layers."""
     if prefix_kv is None:
         return [None] * num_layers
-    count = prefix_kv.num_layers if isinstance(prefix_kv, PackedPrefix) else len(prefix_kv)
+    count = prefix_kv.num_layers if isinstance(prefix_kv, PrefixAttention) else len(prefix_kv)
     if count != num_layers:
         raise ValueError(f"prefix_kv must hold one (k, v) per layer ({num_layers}), got {count}")
-    if isinstance(prefix_kv, PackedPrefix):
+    if isinstance(prefix_kv, PrefixAttention):
         return [prefix_kv.layer(i) for i in range(num_layers)]
     return list(prefix_kv)
 
@@ -234,7 +240,7 @@ class ReferenceDecoder(nn.Module):
         self,
         ids: torch.Tensor,
         positions: torch.Tensor,
-        prefix_kv: list[KV] | PackedPrefix | None = None,
+        prefix_kv: list[KV] | PrefixAttention | None = None,
     ) -> tuple[torch.Tensor, list[KV]]:
         """ids, positions: [B, T] int64. Returns (hidden [B, T, h], per-layer K/V)."""
         prefixes = layer_prefixes(prefix_kv, len(self.layers))

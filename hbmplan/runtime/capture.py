@@ -29,9 +29,40 @@ from hbmplan.runtime.replay import Dropped, LayerCall, rng_state, set_rng_state,
 __all__ = ["SavedStorage", "SavedTensorCapture", "storage_key"]
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (the memory it lives in); any other tensor as is."""
+    local = getattr(t, "_local_tensor", None)
+    return local if local is not None else t
+
+
 def storage_key(t: torch.Tensor) -> tuple[str, int]:
-    """Identity of the memory a tensor lives in: (device, storage data pointer)."""
+    """Identity of the memory a tensor lives in: (device, storage data pointer); a DTensor's
+    (tensor parallel) is its local shard's."""
+    t = _local(t)
     return (str(t.device), t.untyped_storage().data_ptr())
+
+
+def _is_wrapper(t: torch.Tensor) -> bool:
+    """A tensor subclass that wraps others (DTensor, FSDP2's sharded parameters)."""
+    return type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__")
+
+
+def _plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """``t``, or the plain tensors a wrapper subclass holds (recursively)."""
+    if not _is_wrapper(t):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    inner = [getattr(t, n, None) for n in names]
+    return [x for i in inner if isinstance(i, torch.Tensor) for x in _plain_tensors(i)]
+
+
+def _exclude_keys(tensors: Iterable[torch.Tensor]) -> set[tuple[str, int]]:
+    keys = set()
+    for t in tensors:
+        for x in _plain_tensors(t):
+            if x.untyped_storage().nbytes() > 0:  # a resharded FSDP2 parameter holds nothing
+                keys.add(storage_key(x))
+    return keys
 
 
 @dataclass(eq=False)
@@ -105,7 +136,7 @@ class SavedTensorCapture:
     """
 
     def __init__(self, exclude: Iterable[torch.Tensor] = (), layers: nn.ModuleList | None = None):
-        self._exclude = {storage_key(t) for t in exclude}
+        self._exclude = _exclude_keys(exclude)
         self._layers = layers
         self._store: dict[int, torch.Tensor | _Offloaded] = {}
         self._ticket_record: dict[int, SavedStorage] = {}
@@ -137,6 +168,10 @@ class SavedTensorCapture:
 
     # -- hooks ---------------------------------------------------------------------------------
     def _pack(self, t: torch.Tensor) -> _Ticket | torch.Tensor:
+        if isinstance(t, nn.Parameter) or _is_wrapper(t):
+            # model tensors (also FSDP2's gathered parameters, swapped in after the capture
+            # began) and tensor subclasses (DTensor): never activations, never offloaded
+            return t
         key = storage_key(t)
         if key in self._exclude:
             return t  # parameters: autograd's own reference, no cycle (they are leaves)
@@ -150,7 +185,7 @@ class SavedTensorCapture:
             rec = SavedStorage(
                 id=len(self.records),
                 key=key,
-                nbytes=t.untyped_storage().nbytes(),
+                nbytes=_local(t).untyped_storage().nbytes(),
                 dtype=t.dtype,
                 shape=tuple(t.shape),
                 device=t.device,

@@ -5,6 +5,7 @@ Levels and hooks (every default does nothing):
 
 * step: ``adjust_plan`` (may return a revised :class:`StepPlan`: drop responses that carry no
   gradient, pad ranks to a common shape), ``begin_step`` (the plan is final; nothing has run),
+  ``router_counts`` (a MoE step's global-batch counts, after its counting pass),
   ``end_step(ok)`` (every
   group has run, or the step failed: ``ok`` is False; always called once per ``begin_step``, so
   a cross-rank vote runs on a failing rank too), ``abort(exc)`` (after ``end_step`` of a failed
@@ -70,9 +71,15 @@ class StepContext:
     do."""
 
     def model_storages(self) -> list[torch.Tensor]:
-        """The model's parameters and buffers (a capture excludes them: they outlive a step)."""
+        """The model's parameters and buffers (a capture excludes them: they outlive a step); a
+        DTensor (tensor parallel) as its local shard, the memory it lives in."""
         model = self.adapter.model
-        return [*model.parameters(), *model.buffers()]
+        return [_local(t) for t in (*model.parameters(), *model.buffers())]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    local = getattr(t, "_local_tensor", None)  # a DTensor's shard, without importing DTensor
+    return local if local is not None else t
 
 
 @dataclass(frozen=True)
@@ -133,6 +140,14 @@ class Participant:
 
     def begin_step(self, ctx: StepContext) -> None:
         """Before the first group: the step's plan is final."""
+
+    def router_counts(
+        self, ctx: StepContext, counts: torch.Tensor, tokens: int
+    ) -> tuple[torch.Tensor, int]:
+        """A mixture-of-experts step with ``router_loss="global-batch"``, after its counting
+        pass: the counts int64 [L, E] and tokens the loss's weights use (a data-parallel
+        participant sums them over ranks). Default: as given."""
+        return counts, tokens
 
     def end_step(self, ctx: StepContext, ok: bool) -> None:
         """After the last group (``ok``), or after a failure (not ``ok``); once per step."""
@@ -202,6 +217,14 @@ class Participants:
 
     def begin_step(self, ctx: StepContext) -> None:
         self._each("begin_step", ctx)
+
+    def router_counts(
+        self, ctx: StepContext, counts: torch.Tensor, tokens: int
+    ) -> tuple[torch.Tensor, int]:
+        """The global-batch counts after every participant's ``router_counts``, in order."""
+        for p in self._parts:
+            counts, tokens = p.router_counts(ctx, counts, tokens)
+        return counts, tokens
 
     def end_step(self, ctx: StepContext, failure: BaseException | None) -> BaseException | None:
         """Every participant's ``end_step``; one that raises makes ``ok`` False for the rest.

@@ -95,6 +95,8 @@ class StepStats:
     """The router loss and per-expert token counts (MoE models with a router loss on)."""
     offload: Any = None
     """:class:`hbmplan.runtime.offload.OffloadReport` when the step planned offload."""
+    data_parallel: Any = None
+    """:class:`hbmplan.distributed.data_parallel.DataParallelStats` under FSDP2 or DDP."""
     skipped: SkipStats = field(default_factory=SkipStats)
     """What exact skipping left out: inert responses and groups, masked tails."""
     filtered_tokens: int = 0

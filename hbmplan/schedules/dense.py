@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -41,6 +41,8 @@ def dense_step(
     *,
     check_finite: bool = False,
     router_loss: RouterLossMode = "per-trajectory",
+    after_backward: Callable[[], None] | None = None,
+    router_counts: Callable[[torch.Tensor, int], tuple[torch.Tensor, int]] | None = None,
     skip_inert: bool = True,
     check_skips: bool = False,
     token_filter: TokenFilter | None = None,
@@ -56,6 +58,10 @@ def dense_step(
     trajectory's ``coef * aux`` computed over its own tokens (padding excluded: the loss of the
     trajectory as its own forward), "global-batch" one loss over all tokens of the step (after a
     counting pass over the same microbatches), "off" nothing.
+
+    ``after_backward`` is called after each microbatch's backward, ``router_counts(counts,
+    tokens)`` may revise the global-batch counts after the counting pass (a data-parallel
+    driver: see :func:`hbmplan.distributed.dense_step`).
 
     ``skip_inert`` and ``check_skips`` as on :class:`hbmplan.ReuseConfig`: inert responses and
     masked tails the loss declares are not run (:mod:`hbmplan.schedules.skipping`).
@@ -86,7 +92,8 @@ def dense_step(
     try:
         if router is not None and router.mode == "global-batch":
             with clock.phase("count"):
-                router.set_global(*count_dense(adapter, spec, groups, tokens_per_microbatch))
+                counts = count_dense(adapter, spec, groups, tokens_per_microbatch)
+                router.set_global(*(router_counts or (lambda *c: c))(*counts))
         with clock.phase("dense"), nvtx_range("hbmplan.dense.dense"):
             for g, group in enumerate(groups):
                 P = group.prompt_len
@@ -129,6 +136,8 @@ def dense_step(
                         if capture is not None:
                             clock.sample("dense", capture.peak_nbytes)
                         loss.backward()
+                        if after_backward is not None:
+                            after_backward()
                     finally:
                         logits.clear()
                         if capture is not None:

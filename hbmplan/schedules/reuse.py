@@ -37,6 +37,7 @@ from torch import nn
 from hbmplan.config import Attention, ReuseConfig, RouterLossMode, config_or_keywords
 from hbmplan.group import Group, validate_groups
 from hbmplan.models.adapter import CausalLMAdapter, adapt, model_device
+from hbmplan.models.tensor_parallel import tensor_parallel_degree
 from hbmplan.runtime import ByteMeter, NvtxRanges, offload_participants
 from hbmplan.runtime.participant import Participant, Participants, StepContext
 from hbmplan.runtime.stats import PhaseClock, StepStats
@@ -115,10 +116,20 @@ def run_step(
     give every participant the step's outcome. Raises the step's first failure, after every
     participant's ``end_step(ok=False)`` and ``abort``."""
     adapter = adapt(model)
+    if config.cp_mesh is not None:
+        raise ValueError(
+            "a config with cp_mesh runs through hbmplan.memory (or "
+            "hbmplan.distributed.context_parallel.cp_step), not reuse_step"
+        )
     spec = resolve_router_loss(config.router_loss, adapter.router)
     validate_groups(groups, adapter.vocab_size, adapter.max_positions, model_device(adapter))
     adapter.check_schedulable()
     check_filter(config.token_filter, spec)
+    if config.offloads and tensor_parallel_degree(adapter.model) > 1:
+        raise ValueError(
+            "offload (hbm_budget or offload='all') does not run under tensor parallel yet: the "
+            "saved activations are DTensors; give no hbm_budget"
+        )
     meter = [ByteMeter()] if groups[0].prompt.device.type != "cuda" else []
     parts = Participants([NvtxRanges(), *participants, *meter])
     plan = parts.adjust_plan(plan_step(adapter, groups, config, loss_fn, spec is not None))
@@ -139,7 +150,8 @@ def run_step(
         parts.begin_step(step)
         if router is not None and router.mode == "global-batch":
             with clock.phase("count"):
-                router.set_global(*count_reuse(adapter, spec, groups, config.tokens_per_microbatch))
+                counts = count_reuse(adapter, spec, groups, config.tokens_per_microbatch)
+                router.set_global(*parts.router_counts(step, *counts))
         total = None
         for index, group in enumerate(plan.groups):
             loss = run_group(step, parts, index, group, loss_fn, router, clock)

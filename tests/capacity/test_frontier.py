@@ -4,6 +4,7 @@ sources, monotonicity, the search, calibration and input errors."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 import hbmplan
 from hbmplan.capacity.frontier import Calibration, Shards, frontier, static_memory
 from hbmplan.capacity.presets import PRESETS, ModelSpec, model_spec
+from hbmplan.capacity.static import reuse_static_memory
 from hbmplan.capacity.step_bytes import estimate_step
 from hbmplan.kernels import logprobs
 from hbmplan.models import DecoderConfig, ReferenceDecoder
@@ -438,3 +440,28 @@ def test_cuda_slopes_match_the_h200_measurements_in_design(schedule, measured_ki
 
     slope_kib = (peak(16384) - peak(8192)) / 8192 / 1024
     assert abs(slope_kib - measured_kib) <= 0.05 * measured_kib, slope_kib
+
+
+def test_reuse_under_fsdp_counts_the_gathered_parameters_and_grad_sync():
+    """hbmplan's FSDP2 driver keeps every parameter gathered through a reuse step (and, with
+    grad_sync="phase-c", the gradients): the reuse frontier shrinks, "every-microbatch" less."""
+    spec = hbmplan.capacity.model_spec("llama3-8b")
+    shards = hbmplan.Shards(fsdp=8)
+    static = static_memory(spec, "bfloat16", "adamw", shards)
+    n = spec.num_parameters
+    phase_c = reuse_static_memory(static, spec, "bfloat16", shards, "phase-c")
+    every = reuse_static_memory(static, spec, "bfloat16", shards, "every-microbatch")
+    assert phase_c.parameters == every.parameters == math.ceil(n * 2)
+    assert phase_c.gradients == math.ceil(n * 2)
+    assert every.gradients == static.gradients and every.optimizer == static.optimizer
+    assert reuse_static_memory(static, spec, "bfloat16", hbmplan.Shards(), "phase-c") is static
+    runs = {
+        gs: hbmplan.frontier("llama3-8b", "80GiB", 8, 1024, shards=shards, grad_sync=gs, card=None)
+        for gs in ("phase-c", "every-microbatch")
+    }
+    ideal = hbmplan.frontier("llama3-8b", "80GiB", 8, 1024, shards=shards, card=None).schedules
+    a, b = runs["phase-c"].schedules, runs["every-microbatch"].schedules
+    assert a["dense"].max_prompt_len == b["dense"].max_prompt_len == ideal["dense"].max_prompt_len
+    assert 0 < a["reuse"].max_prompt_len < b["reuse"].max_prompt_len < ideal["reuse"].max_prompt_len
+    with pytest.raises(ValueError, match="grad_sync"):
+        hbmplan.FrontierConfig(grad_sync="never")

@@ -61,3 +61,20 @@ def test_config_and_keywords_together_are_refused():
         )
     with pytest.raises(TypeError, match="config must be an hbmplan FrontierConfig"):
         hbmplan.frontier("llama3-8b", "80GiB", 4, 256, config={"target": "cpu"})
+
+
+def test_context_parallel_divides_the_prompt_per_rank():
+    from hbmplan.capacity.step_bytes import estimate_step
+
+    spec = hbmplan.frontier("llama3-8b", "80GiB", 8, 512, schedules=("reuse",)).model
+    one, two = (
+        estimate_step(spec, 8193, [512] * 8, "reuse", target="cuda", cp=cp)["C"] for cp in (1, 2)
+    )
+    assert two.prompt_kv * 2 == one.prompt_kv and two.grad_cache * 2 == one.grad_cache
+    assert two.prompt_activations < 0.51 * one.prompt_activations
+    result = hbmplan.frontier("llama3-8b", "80GiB", 8, 512, shards=hbmplan.Shards(tp=2, cp=2))
+    assert set(result.schedules) == {"dense", "reuse"}  # CP runs without offload or recompute
+    base = hbmplan.frontier("llama3-8b", "80GiB", 8, 512, shards=hbmplan.Shards(tp=2))
+    assert result.schedules["reuse"].max_prompt_len > base.schedules["reuse"].max_prompt_len
+    with pytest.raises(ValueError, match="cp > 1 is modelled for the 'reuse' and 'dense'"):
+        estimate_step(spec, 100, [5], "reuse+offload", cp=2)

@@ -157,3 +157,24 @@ def run_ranks(
             parts.append(f"ranks {missing} did not finish within {timeout_s:g} s (killed)")
         raise RankError(f"{fn.__name__} on {world_size} ranks: " + "\n".join(parts))
     return [outcomes[r][1] for r in range(world_size)]
+
+
+def shared_result(tmp_path_factory, name: str, compute: Callable[[], Any]) -> Any:
+    """``compute()`` once per test session, also across pytest-xdist workers: the first worker to
+    ask computes and pickles it, the others wait on a file lock and read it (the xdist recipe for
+    session-wide fixtures). For a world that every test of a module reads, whichever worker the
+    scheduler sends those tests to."""
+    import pickle
+
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's directory, shared by its workers
+    path = root / f"{name}.pickle"
+    with FileLock(str(path) + ".lock"):
+        if path.is_file():
+            return pickle.loads(path.read_bytes())
+        result = compute()
+        path.write_bytes(pickle.dumps(result))
+        return result
