@@ -37,6 +37,7 @@ except ImportError as exc:  # the extra is not installed
     raise ImportError(
         "hbmplan.integrations.trl needs TRL 1.16: pip install 'hbmplan[trl]' (or 'trl>=1.16,<1.17')"
     ) from exc
+from torch.nn.parallel import DistributedDataParallel
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import shuffle_sequence_dict
@@ -124,6 +125,14 @@ class ReuseGRPOTrainer(GRPOTrainer):
                 "ReuseGRPOTrainer cannot reproduce TRL's micro-batch router loss of a "
                 f"mixture-of-experts model (router_aux_loss_coef={self.router_aux_loss_coef}): "
                 "set router_aux_loss_coef=0.0 or use trl.GRPOTrainer"
+            )
+        kind = str(getattr(self.accelerator.distributed_type, "value", ""))
+        if kind not in ("NO", "MULTI_CPU", "MULTI_GPU"):
+            raise ValueError(
+                f"ReuseGRPOTrainer runs on one process or data-parallel under DDP (accelerate's "
+                f"default multi-process wrapping), got accelerate's {kind}: FSDP and DeepSpeed "
+                "are not driven by the trainer (use hbmplan.memory with an FSDP2 model directly, "
+                "or trl.GRPOTrainer)"
             )
         adapt(self.model)  # an unsupported family fails here, naming the supported ones
         if checkpointing:
@@ -244,7 +253,11 @@ class ReuseGRPOTrainer(GRPOTrainer):
         """The hbmplan context the training steps run in (entered on first use, left when
         training ends: it keeps plans and the host pool across steps)."""
         if self._memory is None:
-            self._memory = MemoryContext(self.accelerator.unwrap_model(model), self.reuse_config)
+            if not isinstance(model, DistributedDataParallel):
+                model = self.accelerator.unwrap_model(model)
+            # a DDP model: hbmplan's driver averages the gradients once per optimizer step; DDP's
+            # own reducer is never armed (its forward does not run), so nothing reduces twice
+            self._memory = MemoryContext(model, self.reuse_config)
             self._memory.__enter__()
         return self._memory
 
@@ -273,16 +286,20 @@ class ReuseGRPOTrainer(GRPOTrainer):
             }  # fmt: skip
         window = self._window
         loss = torch.zeros((), device=device)
-        if grouped.groups:
+        data_parallel = self.accelerator.num_processes > 1
+        if grouped.groups or data_parallel:  # a rank without groups joins the others' reduction
             objective = self.objective
 
             def loss_fn(logp, group, i):
                 return group.data["rows"][i].loss(logp, objective)
 
-            stats = self.memory(model).step(grouped.groups, loss_fn)
+            stats = self.memory(model).step(
+                grouped.groups, loss_fn, sync=self.accelerator.sync_gradients
+            )
             if stats.loss is not None:  # None: nothing ran
                 loss = stats.loss.detach().float()
-            self._log_step(stats, grouped)
+            if grouped.groups:
+                self._log_step(stats, grouped)
             if window is not None:
                 for g, group in enumerate(grouped.groups):
                     for i, row in enumerate(group.data["rows"]):
@@ -290,8 +307,14 @@ class ReuseGRPOTrainer(GRPOTrainer):
         if window is not None:
             for r in grouped.skipped:
                 window.add(batches[r], None, {}, None)
-            window.flush(self._metrics["train"])
+            if not data_parallel:
+                window.flush(self._metrics["train"])
+            elif (self._step + 1) % self.args.steps_per_generation == 0:  # the pass's last
+                window.flush(self._metrics["train"], self._gather)
         return loss.clone().requires_grad_()
+
+    def _gather(self, values: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.gather(values.to(self.accelerator.device))
 
     def _row(self, inputs, mask, batches, r: int, group, i: int) -> Row:
         S = group.responses[i].numel()

@@ -132,21 +132,50 @@ class MetricWindow:
         s["low_seq"].append((stats["low"] * mask).sum() / n)
         s["high_seq"].append((stats["high"] * mask).sum() / n)
 
-    def flush(self, metrics: dict[str, list]) -> None:
-        """Append the metrics of every micro-batch whose rows have all trained, in TRL's keys."""
-        for j in sorted(self._open):
-            s = self._open[j]
-            if s["left"] > 0:
-                continue
-            del self._open[j]
-            tokens = max(float(s["tokens"]), 1.0)
-            if self.beta != 0.0:
-                metrics["kl"].append(float(s["kl"]) / tokens)
-            metrics["entropy"].append(float(s["entropy"]) / tokens)
-            metrics["clip_ratio/low_mean"].append(float(s["low"]) / tokens)
-            metrics["clip_ratio/high_mean"].append(float(s["high"]) / tokens)
-            metrics["clip_ratio/region_mean"].append(float(s["region"]) / tokens)
+    def flush(self, metrics: dict[str, list], gather=None) -> None:
+        """Append the metrics of every micro-batch whose rows have all trained, in TRL's keys.
+
+        Args:
+            metrics: TRL's ``_metrics["train"]`` (lists of floats).
+            gather: data parallel: concatenates a [n, 8] tensor over the ranks into [W * n, 8]
+                (``accelerator.gather`` after moving it to the accelerator's device). Each TRL micro-batch's sums are then added over the ranks and its
+                minimum / maximum taken over every rank's rows, as TRL reduces them. It is a
+                collective: call it on every rank at the same point (the pass's last
+                micro-batch), when every rank has closed the same micro-batches.
+        """
+        closed = [j for j in sorted(self._open) if self._open[j]["left"] <= 0]
+        rows = []
+        for j in closed:
+            s = self._open.pop(j)
             low = [x for x in map(float, s["low_seq"]) if not math.isnan(x)]
             high = [x for x in map(float, s["high_seq"]) if not math.isnan(x)]
-            metrics["clip_ratio/low_min"].append(min(low) if low else math.nan)
-            metrics["clip_ratio/high_max"].append(max(high) if high else math.nan)
+            rows.append(
+                [float(s[k]) for k in self._SUMS]
+                + [min(low) if low else math.nan, max(high) if high else math.nan]
+            )
+        if not rows:
+            return
+        values = torch.tensor(rows, dtype=torch.float64)  # [n, 8]
+        if gather is not None:
+            n = len(rows)
+            ranks = gather(values.float()).double().cpu()
+            ranks = ranks.view(-1, n, values.shape[1])  # [W, n, 8]
+            values = ranks.sum(0)
+            values[:, 6] = (
+                torch.where(ranks[:, :, 6].isnan(), math.inf, ranks[:, :, 6]).min(0).values
+            )
+            values[:, 7] = (
+                torch.where(ranks[:, :, 7].isnan(), -math.inf, ranks[:, :, 7]).max(0).values
+            )
+            values[:, 6][values[:, 6].isinf()] = math.nan
+            values[:, 7][values[:, 7].isinf()] = math.nan
+        for kl, entropy, low, high, region, tokens, low_min, high_max in values.tolist():
+            tokens = max(tokens, 1.0)
+            if self.beta != 0.0:
+                metrics["kl"].append(kl / tokens)
+            metrics["entropy"].append(entropy / tokens)
+            metrics["clip_ratio/low_mean"].append(low / tokens)
+            metrics["clip_ratio/high_mean"].append(high / tokens)
+            metrics["clip_ratio/region_mean"].append(region / tokens)
+            metrics["clip_ratio/low_min"].append(low_min)
+            metrics["clip_ratio/high_max"].append(high_max)

@@ -70,13 +70,12 @@ def unsupported(args: Any) -> list[str]:
     if getattr(args, "use_liger_kernel", False):
         refuse("use_liger_kernel", "Liger's layer kernels are not verified on the reuse schedule")
     if getattr(args, "deepspeed", None):
-        refuse("deepspeed", "the reuse schedule runs on a single device")
+        refuse("deepspeed", "the trainer drives DDP only; use trl.GRPOTrainer")
     if getattr(args, "fsdp", None):
-        refuse("fsdp", "the reuse schedule runs on a single device")
-    if args.world_size > 1:
         refuse(
-            "world_size",
-            "data parallel is not wired into the trainer yet (hbmplan issue 13); run one process",
+            "fsdp",
+            "the trainer drives DDP only (for FSDP2 use hbmplan.memory directly); "
+            "use trl.GRPOTrainer",
         )
     generation_rows = args.per_device_train_batch_size * args.steps_per_generation
     if generation_rows % args.num_generations:

@@ -44,13 +44,14 @@ def test_the_trl_release_is_pinned():
      (dict(cast_lm_head_to_fp32=True), "cast_lm_head_to_fp32=True"),
      (dict(fp16=True), "fp16=True"),
      (dict(use_liger_kernel=True), "use_liger_kernel=True"),
-     (dict(world_size=2), "world_size=2: data parallel is not wired"),
+     (dict(fsdp=True), "fsdp=True: the trainer drives DDP only"),
+     (dict(deepspeed="ds.json"), "deepspeed='ds.json': the trainer drives DDP only"),
      (dict(per_device_train_batch_size=3, steps_per_generation=1), "must be a multiple of"),
      (dict(per_device_train_batch_size=2, steps_per_generation=2, gradient_accumulation_steps=1),
       "per_device_train_batch_size=2 must be a multiple of num_generations=4")],
 )  # fmt: skip
 def test_unsupported_options_are_named(kw, named):
-    assert unsupported(options()) == []
+    assert unsupported(options()) == unsupported(options(world_size=2)) == []  # DDP: supported
     (why,) = unsupported(options(**kw))
     assert named in why
 
