@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 import hbmplan
 from hbmplan.errors import RankFailureError
+from hbmplan.losses import PolicyLoss
 from hbmplan.runtime import Participant
 from tests.helpers import VOCAB, max_rel_diff, pg_loss, random_group, tiny_hf, tiny_reference
 
@@ -249,6 +250,34 @@ def empty_rank(rank, world, engine, grad_sync="phase-c") -> float:
     return max_rel_diff(grads(model), want)
 
 
+def skipping(rank, world, engine, grad_sync="phase-c") -> dict:
+    """Exact skipping under data parallel: rank 0 has one inert response, every response of rank
+    1's groups is inert (its plan has no group left after skipping); ranks still join the same
+    collectives, and the gradients equal dense training without skipping."""
+
+    def tied(r: int) -> list[hbmplan.Group]:
+        out = []
+        for i, g in enumerate(groups_of(r)):
+            adv = g.data["advantages"].clone()
+            adv[:] = 0.0 if r == 1 else adv
+            if r == 0 and i == 0:
+                adv[1] = 0.0
+            out.append(hbmplan.Group(g.prompt, g.responses, data={"advantages": adv}))
+        return out
+
+    loss = PolicyLoss()
+    base = make_model("reference")
+    ref = copy.deepcopy(base)
+    everyone = [g for r in range(world) for g in tied(r)]
+    hbmplan.schedules.dense_step(ref, everyone, loss, skip_inert=False)
+    want = {n: p.grad / world for n, p in ref.named_parameters() if p.grad is not None}
+    model = copy.deepcopy(base)
+    wrapped = wrap(model, engine, (world,))
+    with hbmplan.memory(wrapped, tokens_per_microbatch=8, grad_sync=grad_sync) as mem:
+        stats = mem.step(tied(rank), loss)
+    return {"diff": max_rel_diff(grads(model), want), "skipped": stats.skipped.responses}
+
+
 def mixed_precision(rank, world) -> str:
     """FSDP2 with MixedPrecisionPolicy(bf16 params, fp32 reduce) on an fp32 model, by the
     tolerance rule against fp64 dense (bf16 dense as the baseline's error); "" when it holds."""
@@ -422,6 +451,7 @@ def token_count(rank, world) -> int:
 def fsdp_world(rank: int, world: int) -> dict:
     return {
         "empty-rank": empty_rank(rank, world, "fsdp2", grad_sync="every-microbatch"),
+        "skipping": skipping(rank, world, "fsdp2", grad_sync="every-microbatch"),
         "tokens": token_count(rank, world),
         "bf16-mixed": mixed_precision(rank, world),
         "moe-global": moe_global_batch(rank, world),
@@ -455,6 +485,7 @@ def fsdp_world(rank: int, world: int) -> dict:
 def ddp_world(rank: int, world: int) -> dict:
     return {
         "empty-rank": empty_rank(rank, world, "ddp"),
+        "skipping": skipping(rank, world, "ddp"),
         "dense": dense_dp(rank, world, "ddp"),
         "reference": exact(rank, world, "ddp"),
         "qwen3": exact(rank, world, "ddp", kind="Qwen3"),

@@ -130,6 +130,23 @@ def test_ddp_a_rank_without_groups_joins_with_no_work(ddp):
     assert all(d <= EXACT for d in _each(ddp, "empty-rank"))
 
 
+def _check_skipping(results):
+    """Rank 1's groups are all inert (its plan keeps no group), rank 0 skips one response: both
+    join the same collectives and the gradients equal dense training without skipping."""
+    assert all(r["skipping"]["diff"] <= EXACT for r in results)
+    assert [r["skipping"]["skipped"] for r in results] == [1, 5]  # rank 1: all 5 responses
+
+
+@pytest.mark.xdist_group("dp-fsdp")
+def test_fsdp2_skipping_inert_responses_keeps_ranks_in_step(fsdp):
+    _check_skipping(fsdp)
+
+
+@pytest.mark.xdist_group("dp-ddp")
+def test_ddp_skipping_inert_responses_keeps_ranks_in_step(ddp):
+    _check_skipping(ddp)
+
+
 @pytest.mark.xdist_group("dp-fsdp")
 def test_global_token_count_sums_every_rank(fsdp):
     want = sum(sum(g.response_lens) for g in dp_cases.union(2))
