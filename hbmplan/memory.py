@@ -34,6 +34,7 @@ from hbmplan.distributed.data_parallel import (
     unwrap,
 )
 from hbmplan.distributed.step_hooks import DataParallelParticipant
+from hbmplan.errors import DataParallelError
 from hbmplan.group import Group
 from hbmplan.models.adapter import CausalLMAdapter, adapt, model_device
 from hbmplan.planner import Rates
@@ -161,10 +162,12 @@ class MemoryContext:
         if config.cp_mesh is not None:
             from hbmplan.distributed.context_parallel import CPComm, cp_group
 
-            if participants or self.data_parallel is not None:
-                raise ValueError(
-                    "context parallel steps take no participants and no data-parallel model "
-                    "(FSDP2/DDP) yet"
+            if participants:
+                raise ValueError("context parallel steps take no participants yet")
+            if self.data_parallel is not None and config.grad_sync == "every-microbatch":
+                raise DataParallelError(
+                    "grad_sync='every-microbatch' with cp_mesh: a context-parallel step reduces "
+                    "once after the step; use grad_sync='phase-c'"
                 )
             self._cp = CPComm(cp_group(config.cp_mesh))
         self._dp_part = None
@@ -240,7 +243,16 @@ class MemoryContext:
             if self._cp is not None:
                 from hbmplan.distributed.context_parallel import cp_step
 
-                stats = cp_step(self.adapter, groups, loss_fn, config, self._cp)
+                if dp is not None:  # DP x CP: gathered for the step, one vote and reduction
+                    dp.begin(0, sync)
+                try:
+                    stats = cp_step(self.adapter, groups, loss_fn, config, self._cp)
+                except BaseException as exc:
+                    if dp is not None:
+                        dp.end(False, exc)
+                    raise
+                if dp is not None:
+                    dp.end(True, None)
             else:
                 try:
                     if dp is not None and not groups:  # no work here: join the others' collectives

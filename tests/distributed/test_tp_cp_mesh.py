@@ -1,11 +1,12 @@
-"""A 2 x 2 mesh (CP over TP, gloo): the reuse step with each prompt split over the CP dimension
-of a model parallelised over the TP dimension gives the single-process dense gradients (fp64)."""
+"""2 x 2 meshes (gloo): CP over TP, and FSDP2 data parallel over TP and over CP. The reuse step
+gives the single-process dense gradients (fp64): on the same groups for CP x TP, on the union of
+the DP ranks' groups divided by the DP degree for DP x TP and DP x CP."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.distributed.tpcp_cases import mesh_world
+from tests.distributed.tpcp_cases import dp_mesh_world, mesh_world
 from tests.helpers.dist import run_ranks
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]  # four ranks on the CPUs
@@ -14,3 +15,10 @@ pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]  # four ranks on the C
 def test_tp_cp_mesh_gradients_equal_dense():
     for rank in run_ranks(mesh_world, 4, timeout_s=200):
         assert rank["pass-q"] <= 1e-12 and rank["all-gather"] <= 1e-12, rank
+
+
+def test_fsdp2_data_parallel_over_tp_and_over_cp_equals_dense_on_the_union():
+    for rank in run_ranks(dp_mesh_world, 4, timeout_s=200):
+        assert all(rank[k] <= 1e-12 for k in rank if not k.endswith("every-microbatch")), rank
+        assert rank["dp-tp/every-microbatch"] <= 1e-12, rank
+        assert rank["dp-cp/every-microbatch"].startswith("DataParallelError"), rank

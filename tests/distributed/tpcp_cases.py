@@ -287,3 +287,58 @@ def mesh_world(rank: int, world_size: int) -> dict:
             got = _grads(model, lambda m=mem: m.step(groups, pg_loss))
         out[exchange] = max_rel_diff(got, dense)
     return out
+
+
+def _dp_groups(dp: int) -> list:
+    """Data-parallel rank ``dp``'s groups: unequal counts, lengths and microbatches."""
+    return [
+        [random_group(10, [2, 6, 1], seed=2)],
+        [random_group(7, [4], seed=3), random_group(5, [3, 2], seed=4)],
+    ][dp]
+
+
+def _fsdp_over(model, dp_mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.layers:
+        fully_shard(layer, mesh=dp_mesh)
+    fully_shard(model, mesh=dp_mesh)
+    return model
+
+
+def dp_mesh_world(rank: int, world_size: int) -> dict:
+    """FSDP2 on the data-parallel dimension of a 2 x 2 mesh, over TP (``parallelize``) and over
+    CP (``cp_mesh``): every rank's gradients equal dense on the union of both DP ranks' groups,
+    divided by the DP degree."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from hbmplan.distributed.tensor_parallel import parallelize
+
+    base = tiny_reference()
+    reference = copy.deepcopy(base)
+    dense = _dense(reference, _dp_groups(0) + _dp_groups(1))
+    want = {n: g / 2 for n, g in dense.items()}
+    out: dict = {}
+
+    mesh = init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("dp", "tp"))
+    model = copy.deepcopy(base)
+    parallelize(model, mesh["tp"])
+    _fsdp_over(model, mesh["dp"])
+    mine = _dp_groups(mesh["dp"].get_local_rank())
+    for grad_sync in ("phase-c", "every-microbatch"):
+        with hbmplan.memory(model, tokens_per_microbatch=6, grad_sync=grad_sync) as mem:
+            got = _grads(model, lambda m=mem: m.step(mine, pg_loss))
+        out[f"dp-tp/{grad_sync}"] = max_rel_diff(got, want)
+
+    mesh = init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("dp", "cp"))
+    model = _fsdp_over(copy.deepcopy(base), mesh["dp"])
+    mine = _dp_groups(mesh["dp"].get_local_rank())
+    for exchange in ("pass-q", "all-gather"):
+        cfg = dict(cp_mesh=mesh["cp"], cp_exchange=exchange, tokens_per_microbatch=6)
+        with hbmplan.memory(model, **cfg) as mem:
+            got = _grads(model, lambda m=mem: m.step(mine, pg_loss))
+        out[f"dp-cp/{exchange}"] = max_rel_diff(got, want)
+    out["dp-cp/every-microbatch"] = _raises(
+        lambda: hbmplan.memory(model, cp_mesh=mesh["cp"], grad_sync="every-microbatch")
+    )
+    return out
