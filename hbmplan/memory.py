@@ -28,6 +28,7 @@ from hbmplan.config import (
     parse_bytes,
 )
 from hbmplan.distributed.data_parallel import (
+    DDPSync,
     all_ranks,
     data_parallel,
     sum_router_counts,
@@ -164,6 +165,11 @@ class MemoryContext:
 
             if participants:
                 raise ValueError("context parallel steps take no participants yet")
+            if isinstance(self.data_parallel, DDPSync):
+                raise DataParallelError(
+                    "a DistributedDataParallel model with cp_mesh: not supported yet; shard the "
+                    "model with fully_shard on the mesh's data-parallel dimension instead"
+                )
             if self.data_parallel is not None and config.grad_sync == "every-microbatch":
                 raise DataParallelError(
                     "grad_sync='every-microbatch' with cp_mesh: a context-parallel step reduces "

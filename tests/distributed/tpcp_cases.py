@@ -341,4 +341,8 @@ def dp_mesh_world(rank: int, world_size: int) -> dict:
     out["dp-cp/every-microbatch"] = _raises(
         lambda: hbmplan.memory(model, cp_mesh=mesh["cp"], grad_sync="every-microbatch")
     )
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = DistributedDataParallel(copy.deepcopy(base))
+    out["dp-cp/ddp"] = _raises(lambda: hbmplan.memory(ddp, cp_mesh=mesh["cp"]))
     return out
