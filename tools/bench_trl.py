@@ -34,6 +34,7 @@ from trl import GRPOConfig, GRPOTrainer
 from hbmplan.capacity import model_spec
 from hbmplan.capacity.flops import flop_ideal_speedup
 from hbmplan.integrations.trl import ReuseGRPOTrainer
+from tools.examples.trl_grpo import tiny_tokenizer
 from tools.harness import (
     add_threads_arg,
     apply_threads,
@@ -46,17 +47,8 @@ from tools.harness import (
 
 
 def tokenizer(vocab: int):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = {"<pad>": 0, "<eos>": 1, "<unk>": 2} | {f"w{i}": 3 + i for i in range(vocab - 3)}
-    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
-    )
-    fast.padding_side = "left"
-    return fast
+    """Words w0..w{vocab - 4} after <pad>, <eos>, <unk>: the example's tokenizer, ``vocab`` ids."""
+    return tiny_tokenizer([f"w{i}" for i in range(vocab - 3)])
 
 
 def qwen3(args, max_positions: int, dtype: torch.dtype):

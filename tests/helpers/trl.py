@@ -12,17 +12,10 @@ PAD, EOS = 0, 1
 
 
 def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """The example's word-level tokenizer over ``WORDS`` (<pad> = PAD, <eos> = EOS)."""
+    from tools.examples.trl_grpo import tiny_tokenizer as example_tokenizer
 
-    vocab = {"<pad>": PAD, "<eos>": EOS, "<unk>": 2} | {w: 3 + i for i, w in enumerate(WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
-    )
-    fast.padding_side = "left"
-    return fast
+    return example_tokenizer(WORDS)
 
 
 def tiny_qwen3(seed: int = 0, dtype=torch.float32, layers: int = 2):

@@ -35,12 +35,13 @@ from hbmplan.integrations.trl import ReuseGRPOTrainer  # the one changed import
 WORDS = [f"w{i}" for i in range(200)]
 
 
-def tiny_tokenizer():
-    """Whitespace-split words w0..w199 plus <pad>, <eos>, <unk>; left padding, as TRL wants."""
+def tiny_tokenizer(words=WORDS):
+    """Whitespace-split ``words`` (default w0..w199) after <pad> 0, <eos> 1, <unk> 2; left
+    padding, as TRL wants."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2} | {w: 3 + i for i, w in enumerate(WORDS)}
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2} | {w: 3 + i for i, w in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(
